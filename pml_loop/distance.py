@@ -1,0 +1,277 @@
+"""The labels-aware distance: a PML distance whose negative entries are LoOp values.
+
+A PML distance never sees labels, so :class:`LoOpDistance` is *bound* to the
+labels of the current batch by whoever has them (:class:`~pml_loop.LoOpLoss`,
+:class:`~pml_loop.LoOpMiner`) and then answers the loss's ordinary
+``distance(embeddings, ref_emb)`` call. Inside one ``sharing()`` block the
+search result is kept, so a miner and a loss on the same batch search once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, NamedTuple
+
+import torch
+from pytorch_metric_learning.distances import (
+    BaseDistance,
+    CosineSimilarity,
+    DotProductSimilarity,
+    LpDistance,
+)
+from torch import Tensor
+
+from .batch_loop import (
+    DEFAULT_CHUNK_ELEMENTS,
+    GramBlocks,
+    Winners,
+    gram_blocks,
+    measure_winners,
+    search_winners,
+    winner_weights,
+)
+from .functional import Geometry, PairWeights, safe_sqrt
+from .pairs import PARTNERS, Partners, PairTable, positive_pair_table
+
+SUPPORTED = "LpDistance(p=2), CosineSimilarity or DotProductSimilarity"
+
+
+def geometry_of(distance: BaseDistance) -> Geometry:
+    """Which LoOp geometry a PML distance implies; a clear error for the others."""
+    name = type(distance).__name__
+    if isinstance(distance, LoOpDistance):
+        raise TypeError("the distance is already a LoOpDistance; wrap the plain distance")
+    if isinstance(distance, LpDistance):
+        if distance.p != 2:
+            raise ValueError(f"LoOp needs the Euclidean distance, got LpDistance(p={distance.p})")
+        return "arc" if distance.normalize_embeddings else "segment"
+    if isinstance(distance, DotProductSimilarity):  # CosineSimilarity included
+        return "arc" if distance.normalize_embeddings else "dot"
+    raise ValueError(f"LoOp supports {SUPPORTED}; got {name}")
+
+
+class _Binding(NamedTuple):
+    labels: Tensor | None
+    ref_labels: Tensor | None
+    paired: bool  # NPairs form: row k of query and of ref are one positive pair
+
+
+class _Search(NamedTuple):
+    keys: tuple
+    table_q: PairTable
+    table_r: PairTable
+    winners: Winners
+    weights: PairWeights
+
+
+class LoOpDistance(BaseDistance):
+    """``base`` distance with every negative entry replaced by its LoOp value.
+
+    Entry (i, j) with different labels becomes the optimum over the pairs
+    (i, p) and (j, q), p, q positive partners of i and j (the segment, or the
+    arc when embeddings are normalised), in the base distance's own units:
+    a distance (with ``power``) for ``LpDistance``, a similarity for
+    ``CosineSimilarity`` (the hardest cosine) and ``DotProductSimilarity``.
+    Positive entries and self-comparisons keep the base value.
+
+    Args:
+        distance: the wrapped distance; default ``LpDistance(normalize_embeddings=True)``.
+        partners: ``"all"`` (exact LoOp: every positive partner) or
+            ``"hardest"`` (only each sample's farthest partner; cheaper for
+            large cross-batch memories).
+        chunk_elements: bound on the pair combinations searched at once.
+
+    Output of ``forward(query (n_q, d), ref (n_r, d))``: ``(n_q, n_r)``.
+    """
+
+    def __init__(
+        self,
+        distance: BaseDistance | None = None,
+        partners: Partners = "all",
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        **kwargs,
+    ):
+        base = LpDistance(normalize_embeddings=True, p=2) if distance is None else distance
+        if not isinstance(base, BaseDistance):
+            raise TypeError(f"distance must be a PML BaseDistance, got {type(base).__name__}")
+        geometry = geometry_of(base)
+        if partners not in PARTNERS:
+            raise ValueError(f"partners must be one of {PARTNERS}, got {partners!r}")
+        super().__init__(
+            normalize_embeddings=base.normalize_embeddings, p=base.p, power=base.power,
+            is_inverted=base.is_inverted, **kwargs,
+        )
+        self.base = base
+        self.geometry: Geometry = geometry
+        self.partners = partners
+        self.chunk_elements = int(chunk_elements)
+        self._binding: _Binding | None = None
+        self._share_depth = 0
+        self._shared: _Search | None = None
+        self.add_to_recordable_attributes(
+            list_of_names=["num_negative_entries", "avg_base_minus_loop"], is_stat=True
+        )
+
+    # -- binding ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def bind(self, labels: Tensor | None, ref_labels: Tensor | None = None, paired: bool = False) -> Iterator["LoOpDistance"]:
+        """Let ``forward`` know the labels of its query (and reference) rows."""
+        outer = self._binding
+        self._binding = _Binding(labels, labels if ref_labels is None else ref_labels, paired)
+        try:
+            yield self
+        finally:
+            self._binding = outer
+
+    @contextlib.contextmanager
+    def sharing(self) -> Iterator["LoOpDistance"]:
+        """Keep the search result for repeated calls on the same tensors."""
+        self._share_depth += 1
+        try:
+            yield self
+        finally:
+            self._share_depth -= 1
+            if self._share_depth == 0:
+                self._shared = None
+
+    def __getstate__(self):
+        # Bindings and shared searches hold batch tensors; never persist them.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.update(_binding=None, _share_depth=0, _shared=None)
+        return state
+
+    # -- PML interface -----------------------------------------------------------
+    def forward(self, query_emb: Tensor, ref_emb: Tensor | None = None) -> Tensor:
+        if self._binding is None:
+            raise RuntimeError(
+                "LoOpDistance needs labels: use it through LoOpLoss or LoOpMiner, "
+                "or call loop_mat(embeddings, labels, ref_emb, ref_labels)"
+            )
+        self.reset_stats()
+        self.check_shapes(query_emb, ref_emb)
+        same_set = ref_emb is None or ref_emb is query_emb
+        ref = query_emb if ref_emb is None else ref_emb
+        q_labels, r_labels = self._labels_for(query_emb, ref, same_set)
+        _check_finite(query_emb, "query embeddings")
+        if not same_set:
+            _check_finite(ref, "reference embeddings")
+        qn = self.maybe_normalize(query_emb)
+        rn = qn if same_set else self.maybe_normalize(ref)
+        self.set_default_stats(query_emb, ref, qn, rn)
+        if self._binding.paired:
+            mat = self._paired_mat(qn, rn)
+        else:
+            same_set = same_set and q_labels is r_labels
+            mat = self._loop_mat(qn, rn, q_labels, r_labels, same_set, keys=(query_emb, ref, q_labels, r_labels))
+        if self.power != 1:
+            mat = mat**self.power
+        return mat
+
+    def compute_mat(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
+        return self.base.compute_mat(query_emb, ref_emb)
+
+    def pairwise_distance(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
+        return self.base.pairwise_distance(query_emb, ref_emb)
+
+    def loop_mat(self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor | None = None, ref_labels: Tensor | None = None) -> Tensor:
+        """The LoOp matrix with explicit labels: ``(n_q, n_r)`` like ``forward``."""
+        with self.bind(labels, ref_labels):
+            return self(embeddings, ref_emb)
+
+    def last_partners(self) -> tuple[Tensor, Tensor] | None:
+        """Inside ``sharing()``: ``(p, q)``, each ``(n_q, n_r)``, the partners whose
+        pairs (i, p) and (j, q) realise entry (i, j) of the last matrix."""
+        if self._shared is None:
+            return None
+        s = self._shared
+        ends_q = s.table_q.ends[s.winners.query_pair]
+        ends_r = s.table_r.ends[s.winners.ref_pair]
+        rows = torch.arange(ends_q.shape[0], device=ends_q.device)[:, None]
+        cols = torch.arange(ends_r.shape[1], device=ends_r.device)[None, :]
+        # A pair is stored as (e0, e1); the partner is the end that is not the owner.
+        p = torch.where(ends_q[..., 0] == rows, ends_q[..., 1], ends_q[..., 0])
+        q = torch.where(ends_r[..., 0] == cols, ends_r[..., 1], ends_r[..., 0])
+        return p, q
+
+    # -- internals ---------------------------------------------------------------
+    def _labels_for(self, query: Tensor, ref: Tensor, same_set: bool) -> tuple[Tensor, Tensor]:
+        b = self._binding
+        if b.paired:
+            if len(query) != len(ref):
+                raise ValueError("paired LoOp needs as many query rows as reference rows")
+            return None, None
+        if b.labels is None:
+            raise ValueError("LoOp needs labels (a class label per embedding)")
+        q_labels = b.labels
+        r_labels = b.labels if same_set else b.ref_labels
+        for name, emb, lab in (("embeddings", query, q_labels), ("ref_emb", ref, r_labels)):
+            if lab.ndim != 1 or len(lab) != len(emb):
+                raise ValueError(
+                    f"LoOpDistance is bound to labels of shape {tuple(lab.shape)} but {name} "
+                    f"has {len(emb)} rows"
+                )
+        return q_labels, r_labels
+
+    def _farness(self, g: Tensor, diag_a: Tensor, diag_b: Tensor) -> Tensor:
+        if self.geometry == "segment":
+            return diag_a[:, None] + diag_b[None, :] - 2 * g
+        return -g
+
+    def _loop_mat(self, qn, rn, q_labels, r_labels, same_set: bool, keys: tuple) -> Tensor:
+        base = self.base.compute_mat(qn, rn)
+        g = gram_blocks(qn, rn, same_set)
+        s = self._shared
+        if s is None or len(s.keys) != len(keys) or any(a is not b for a, b in zip(s.keys, keys)):
+            s = self._search(g, q_labels, r_labels, same_set, keys)
+            if self._share_depth > 0:
+                self._shared = s
+        measure = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry)
+        loop = self._to_base_units(measure)
+        neg = q_labels[:, None] != r_labels[None, :]
+        # The optimum includes the endpoints; min/max with the base value makes
+        # "never farther than the plain distance" exact despite rounding.
+        loop = torch.maximum(loop, base) if self.is_inverted else torch.minimum(loop, base)
+        self._record(base, loop, neg)
+        return torch.where(neg, loop, base)
+
+    @torch.no_grad()
+    def _search(self, g: GramBlocks, q_labels, r_labels, same_set: bool, keys: tuple) -> _Search:
+        g = GramBlocks(*(x.detach() for x in g))
+        far_q = self._farness(g.qq, g.qq.diagonal(), g.qq.diagonal()) if self.partners == "hardest" else None
+        table_q = positive_pair_table(q_labels, self.partners, far_q)
+        if same_set:
+            table_r = table_q
+        else:
+            far_r = self._farness(g.rr, g.rr.diagonal(), g.rr.diagonal()) if self.partners == "hardest" else None
+            table_r = positive_pair_table(r_labels, self.partners, far_r)
+        winners = search_winners(g, table_q, table_r, self.geometry, self.chunk_elements)
+        weights = winner_weights(g, table_q, table_r, winners, self.geometry, self.chunk_elements)
+        return _Search(keys, table_q, table_r, winners, weights)
+
+    def _paired_mat(self, qn: Tensor, rn: Tensor) -> Tensor:
+        """NPairs form: row k of ``qn`` and of ``rn`` are the two ends of pair k;
+        entry (i, j), i != j, becomes LoOp between pair i and pair j."""
+        m = len(qn)
+        both = torch.cat((qn, rn), 0)
+        labels = torch.arange(m, device=qn.device).repeat(2)
+        full = self._loop_mat(both, both, labels, labels, True, keys=(qn, rn, "paired"))
+        return full[:m, m:]
+
+    def _to_base_units(self, measure: Tensor) -> Tensor:
+        if self.geometry == "segment":
+            return safe_sqrt(measure)
+        if self.geometry == "arc" and not self.is_inverted:
+            return safe_sqrt((2 - 2 * measure).clamp_min(0))  # chord
+        return measure  # cosine or dot product: already a similarity
+
+    def _record(self, base: Tensor, loop: Tensor, neg: Tensor) -> None:
+        if self.collect_stats:
+            with torch.no_grad():
+                self.num_negative_entries = int(neg.sum())
+                gap = (base - loop).abs()[neg]
+                self.avg_base_minus_loop = float(gap.mean()) if len(gap) else 0.0
+
+
+def _check_finite(x: Tensor, name: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"LoOp got NaN or infinite values in the {name}")

@@ -1,0 +1,61 @@
+"""The ten inner products that describe a quadruple (x1, x2 | x3, x4).
+
+Every LoOp quantity is a function of these numbers only, so a batch needs one
+matrix product and then scalar work per quadruple: nothing of size ``d`` is
+built per quadruple.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class QuadGram(NamedTuple):
+    """Inner products of a first pair (x1, x2) and a second pair (x3, x4).
+
+    All fields broadcast against each other; any common shape ``S`` works, so
+    the same maths serves ``(N,)`` quadruples and ``(K_q, K_r)`` grids.
+    """
+
+    g11: Tensor
+    g12: Tensor
+    g22: Tensor
+    g33: Tensor
+    g34: Tensor
+    g44: Tensor
+    g13: Tensor
+    g14: Tensor
+    g23: Tensor
+    g24: Tensor
+
+    def detach(self) -> "QuadGram":
+        return QuadGram(*(g.detach() for g in self))
+
+
+class PairWeights(NamedTuple):
+    """Weights of the optimal point of each pair on its two endpoints.
+
+    Segments: ``p = w1 * x1 + w2 * x2`` with ``w1 + w2 = 1`` (affine).
+    Arcs: ``p = normalize(w1 * x1 + w2 * x2)`` with ``w1, w2 >= 0`` (conic).
+    Each field has the broadcast shape ``S`` of the :class:`QuadGram`.
+    """
+
+    a1: Tensor  # weight of x1
+    a2: Tensor  # weight of x2
+    b1: Tensor  # weight of x3
+    b2: Tensor  # weight of x4
+
+
+def quad_gram(x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> QuadGram:
+    """Row-wise inner products of four ``(N, d)`` tensors -> ten ``(N,)`` tensors."""
+
+    def dot(u: Tensor, v: Tensor) -> Tensor:
+        return (u * v).sum(-1)
+
+    return QuadGram(
+        dot(x1, x1), dot(x1, x2), dot(x2, x2),
+        dot(x3, x3), dot(x3, x4), dot(x4, x4),
+        dot(x1, x3), dot(x1, x4), dot(x2, x3), dot(x2, x4),
+    )

@@ -1,0 +1,90 @@
+"""Closest points between two straight segments, from inner products only.
+
+p(s) = (1-s) x1 + s x2, q(t) = (1-t) x3 + t x4, s, t in [0, 1].
+|p(s) - q(t)|^2 = f + a s^2 + c t^2 - 2 b s t + 2 d s - 2 e t is a convex
+quadratic on the unit square, so its minimum is the interior stationary point
+when that is feasible, otherwise the best of the four edge minima (each a
+clamped 1-D solution; the corners are among them).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .gram import PairWeights, QuadGram
+
+
+def segment_coefficients(q: QuadGram) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Coefficients (a, b, c, d, e, f) of the quadratic above.
+
+    With u = x2 - x1, v = x4 - x3, w = x1 - x3: a = u.u, b = u.v, c = v.v,
+    d = u.w, e = v.w, f = w.w.
+    """
+    a = q.g22 - 2 * q.g12 + q.g11
+    c = q.g44 - 2 * q.g34 + q.g33
+    b = q.g24 - q.g23 - q.g14 + q.g13
+    d = q.g12 - q.g23 - q.g11 + q.g13
+    e = q.g14 - q.g34 - q.g13 + q.g33
+    f = q.g11 - 2 * q.g13 + q.g33
+    return a, b, c, d, e, f
+
+
+def _safe_ratio(num: Tensor, den: Tensor, tiny: Tensor) -> Tensor:
+    # A zero-length segment has every s optimal; 0 keeps it on its first end.
+    ok = den > tiny
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+@torch.no_grad()
+def closest_segment_params(q: QuadGram) -> tuple[Tensor, Tensor]:
+    """Optimal (s, t) in [0, 1]^2 for every quadruple; shapes broadcast of ``q``."""
+    a, b, c, d, e, f = segment_coefficients(q)
+    eps = torch.finfo(a.dtype).eps
+    scale = (q.g11 + q.g22 + q.g33 + q.g44).abs() + 1  # degeneracy is relative
+    tiny = eps * scale
+
+    # Edge candidates: fix one parameter at 0 or 1, clamp the other's optimum.
+    s_cands = [
+        torch.zeros_like(a),
+        torch.ones_like(a),
+        _safe_ratio(-d, a, tiny).clamp(0, 1),
+        _safe_ratio(b - d, a, tiny).clamp(0, 1),
+    ]
+    t_cands = [
+        _safe_ratio(e, c, tiny).clamp(0, 1),
+        _safe_ratio(e + b, c, tiny).clamp(0, 1),
+        torch.zeros_like(a),
+        torch.ones_like(a),
+    ]
+    # Interior stationary point: only when the quadratic is strictly convex
+    # (non-parallel segments) and it falls inside the square.
+    det = a * c - b * b
+    well_posed = det > 64 * eps * (a * c) + tiny * tiny
+    safe_det = torch.where(well_posed, det, torch.ones_like(det))
+    s_in = (b * e - c * d) / safe_det
+    t_in = (a * e - b * d) / safe_det
+    inside = well_posed & (s_in >= 0) & (s_in <= 1) & (t_in >= 0) & (t_in <= 1)
+    s_cands.append(torch.where(inside, s_in, s_cands[0]))
+    t_cands.append(torch.where(inside, t_in, t_cands[0]))
+
+    s = torch.stack(torch.broadcast_tensors(*s_cands), -1)
+    t = torch.stack(torch.broadcast_tensors(*t_cands), -1)
+    a_, b_, c_, d_, e_ = (x.unsqueeze(-1) for x in (a, b, c, d, e))
+    value = a_ * s * s + c_ * t * t - 2 * b_ * s * t + 2 * d_ * s - 2 * e_ * t
+    best = value.argmin(-1, keepdim=True)
+    return s.gather(-1, best).squeeze(-1), t.gather(-1, best).squeeze(-1)
+
+
+def segment_weights(s: Tensor, t: Tensor) -> PairWeights:
+    return PairWeights(1 - s, s, 1 - t, t)
+
+
+def segment_squared_distance(q: QuadGram, w: PairWeights) -> Tensor:
+    """|w.a1 x1 + w.a2 x2 - w.b1 x3 - w.b2 x4|^2 at fixed weights, differentiable in ``q``."""
+    a1, a2, b1, b2 = w
+    sq = (
+        a1 * a1 * q.g11 + 2 * a1 * a2 * q.g12 + a2 * a2 * q.g22
+        + b1 * b1 * q.g33 + 2 * b1 * b2 * q.g34 + b2 * b2 * q.g44
+        - 2 * (a1 * b1 * q.g13 + a1 * b2 * q.g14 + a2 * b1 * q.g23 + a2 * b2 * q.g24)
+    )
+    return sq.clamp_min(0)

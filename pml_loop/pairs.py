@@ -1,0 +1,82 @@
+"""Batch structure: which positive pair (segment / arc) each sample brings.
+
+Every sample i owns a list of *pairs* (i, p) with p a positive partner of i;
+a sample without partner owns the degenerate pair (i, i), a point, so that a
+batch of singleton classes reduces LoOp to the plain distance. The pairs of a
+set are stored once (``ends``) and each sample lists the pairs it owns
+(``owned``), padded with the sentinel index ``K``.
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Partners = Literal["all", "hardest"]
+PARTNERS = ("all", "hardest")
+
+
+class PairTable(NamedTuple):
+    """Positive pairs of one set of ``n`` samples.
+
+    ends:  ``(K, 2)`` sample indices of the two ends of each pair.
+    owned: ``(n, deg)`` pair indices owned by each sample, padded with ``K``.
+    """
+
+    ends: Tensor
+    owned: Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.ends.shape[0]
+
+
+def _group_by_owner(owner: Tensor, pair_id: Tensor, n: int, num_pairs: int) -> Tensor:
+    """Scatter ``pair_id`` into a padded ``(n, deg)`` table by ``owner`` (vectorised)."""
+    order = torch.argsort(owner, stable=True)
+    owner, pair_id = owner[order], pair_id[order]
+    counts = torch.bincount(owner, minlength=n)
+    deg = int(counts.max()) if n else 0
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(owner), device=owner.device) - starts[owner]
+    owned = torch.full((n, max(deg, 1)), num_pairs, dtype=torch.long, device=owner.device)
+    owned[owner, slot] = pair_id
+    return owned
+
+
+def positive_pair_table(
+    labels: Tensor, partners: Partners = "all", farness: Tensor | None = None
+) -> PairTable:
+    """Pairs of a set from its labels.
+
+    Args:
+        labels: ``(n,)`` integer labels.
+        partners: ``"all"``: sample i owns every (i, p) with p of its class;
+            ``"hardest"``: only (i, p*) with p* its farthest partner.
+        farness: ``(n, n)`` larger = farther, required for ``"hardest"``.
+    """
+    if partners not in PARTNERS:
+        raise ValueError(f"partners must be one of {PARTNERS}, got {partners!r}")
+    n = len(labels)
+    device = labels.device
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    same.fill_diagonal_(False)
+    has_partner = same.any(1)
+    idx = torch.arange(n, device=device)
+    if partners == "hardest":
+        if farness is None:
+            raise ValueError('partners="hardest" needs the farness matrix')
+        far = farness.detach().masked_fill(~same, float("-inf"))
+        partner = torch.where(has_partner, far.argmax(1), idx)
+        return PairTable(torch.stack((idx, partner), 1), idx.unsqueeze(1))
+    i, p = torch.triu(same, diagonal=1).nonzero(as_tuple=True)
+    lonely = idx[~has_partner]
+    ends = torch.cat((torch.stack((i, p), 1), torch.stack((lonely, lonely), 1)), 0)
+    k = len(ends)
+    pair_id = torch.arange(k, device=device)
+    # A pair (i, p) is owned by both i and p; a point (i, i) only once.
+    is_point = ends[:, 0] == ends[:, 1]
+    owner = torch.cat((ends[:, 0], ends[~is_point, 1]))
+    ids = torch.cat((pair_id, pair_id[~is_point]))
+    return PairTable(ends, _group_by_owner(owner, ids, n, k))
