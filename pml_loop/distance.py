@@ -107,8 +107,11 @@ class LoOpDistance(BaseDistance):
         self._binding: _Binding | None = None
         self._share_depth = 0
         self._shared: _Search | None = None
+        # Always kept (cheap): how much LoOp moved the negatives, for record-keeper.
+        self.num_negative_entries = 0
+        self.avg_base_minus_loop = 0.0
         self.add_to_recordable_attributes(
-            list_of_names=["num_negative_entries", "avg_base_minus_loop"], is_stat=True
+            list_of_names=["num_negative_entries", "avg_base_minus_loop"], is_stat=False
         )
 
     # -- binding ---------------------------------------------------------------
@@ -264,12 +267,11 @@ class LoOpDistance(BaseDistance):
             return safe_sqrt((2 - 2 * measure).clamp_min(0))  # chord
         return measure  # cosine or dot product: already a similarity
 
+    @torch.no_grad()
     def _record(self, base: Tensor, loop: Tensor, neg: Tensor) -> None:
-        if self.collect_stats:
-            with torch.no_grad():
-                self.num_negative_entries = int(neg.sum())
-                gap = (base - loop).abs()[neg]
-                self.avg_base_minus_loop = float(gap.mean()) if len(gap) else 0.0
+        gap = (base - loop).abs()[neg]
+        self.num_negative_entries = len(gap)
+        self.avg_base_minus_loop = float(gap.mean()) if len(gap) else 0.0
 
 
 def _check_finite(x: Tensor, name: str) -> None:

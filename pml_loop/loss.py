@@ -78,6 +78,19 @@ class LoOpLoss(BaseMetricLossFunction):
         self.miner = miner
         self.distance = self.loop_distance
         self.paired = isinstance(loss, NPairsLoss)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_negative_entries", "avg_base_minus_loop"], is_stat=False
+        )
+
+    @property
+    def num_negative_entries(self) -> int:
+        """Negative entries LoOp replaced in the last batch (for record-keeper)."""
+        return self.loop_distance.num_negative_entries
+
+    @property
+    def avg_base_minus_loop(self) -> float:
+        """Mean |plain - LoOp| over those entries in the last batch."""
+        return self.loop_distance.avg_base_minus_loop
 
     def forward(
         self,

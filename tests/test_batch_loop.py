@@ -1,0 +1,104 @@
+"""The batch LoOp matrix against a per-quadruple reference on explicit points."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
+
+from pml_loop import LoOpDistance
+from pml_loop.pairs import positive_pair_table
+from reference import naive_loop_matrix
+
+
+def _batch(seed, sizes=(3, 2, 1, 3), d=5):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    return torch.randn(len(labels), d, generator=g, dtype=torch.float64), labels
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_matches_naive_reference_same_set(normalize):
+    emb, labels = _batch(0)
+    dist = LoOpDistance(LpDistance(normalize_embeddings=normalize))
+    got = dist.loop_mat(emb, labels).numpy()
+    x = F.normalize(emb, dim=1) if normalize else emb
+    ref = naive_loop_matrix(x.numpy(), labels.numpy(), x.numpy(), labels.numpy(), sphere=normalize)
+    assert np.abs(got - ref).max() <= 1e-6
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_matches_naive_reference_with_ref_set(normalize):
+    emb, labels = _batch(1, sizes=(2, 1, 2))
+    ref_emb, ref_labels = _batch(2, sizes=(3, 2, 2, 1))
+    dist = LoOpDistance(LpDistance(normalize_embeddings=normalize))
+    got = dist.loop_mat(emb, labels, ref_emb, ref_labels).numpy()
+    f = (lambda t: F.normalize(t, dim=1)) if normalize else (lambda t: t)
+    ref = naive_loop_matrix(f(emb).numpy(), labels.numpy(), f(ref_emb).numpy(), ref_labels.numpy(), sphere=normalize)
+    assert np.abs(got - ref).max() <= 1e-6
+
+
+def test_similarity_forms():
+    emb, labels = _batch(3)
+    x = F.normalize(emb, dim=1)
+    chord = naive_loop_matrix(x.numpy(), labels.numpy(), x.numpy(), labels.numpy(), sphere=True)
+    cos = LoOpDistance(CosineSimilarity()).loop_mat(emb, labels).numpy()
+    neg = labels.numpy()[:, None] != labels.numpy()[None]
+    assert np.abs(cos[neg] - (1 - chord[neg] ** 2 / 2)).max() <= 1e-6
+    # Unnormalised dot product: bilinear, so the hardest value is a corner.
+    dot = LoOpDistance(DotProductSimilarity(normalize_embeddings=False)).loop_mat(emb, labels).numpy()
+    e, lab = emb.numpy(), labels.numpy()
+    for i in range(len(e)):
+        for j in range(len(e)):
+            if lab[i] == lab[j]:
+                assert dot[i, j] == pytest.approx(e[i] @ e[j])
+                continue
+            group = lambda k: [m for m in range(len(e)) if lab[m] == lab[k]]  # noqa: E731
+            assert dot[i, j] == pytest.approx(max(e[p] @ e[q] for p in group(i) for q in group(j)))
+
+
+def test_power_and_chunking_do_not_change_values():
+    emb, labels = _batch(4, sizes=(4, 4, 3, 1, 2))
+    plain = LoOpDistance(LpDistance(normalize_embeddings=False)).loop_mat(emb, labels)
+    tiny_chunks = LoOpDistance(LpDistance(normalize_embeddings=False), chunk_elements=7).loop_mat(emb, labels)
+    squared = LoOpDistance(LpDistance(normalize_embeddings=False, power=2)).loop_mat(emb, labels)
+    assert torch.allclose(plain, tiny_chunks, atol=1e-12)
+    assert torch.allclose(plain**2, squared, atol=1e-12)
+
+
+def test_hardest_partner_only():
+    emb, labels = _batch(5, sizes=(3, 3, 2))
+    dist = LoOpDistance(LpDistance(normalize_embeddings=False), partners="hardest")
+    got = dist.loop_mat(emb, labels).numpy()
+    e, lab = emb.numpy(), labels.numpy()
+    from reference import segment_distance
+    d = np.linalg.norm(e[:, None] - e[None], axis=-1)
+    far = {i: max((p for p in range(len(e)) if p != i and lab[p] == lab[i]), key=lambda p: d[i, p]) for i in range(len(e))}
+    for i in range(len(e)):
+        for j in range(len(e)):
+            if lab[i] != lab[j]:
+                assert got[i, j] == pytest.approx(segment_distance(e[i], e[far[i]], e[j], e[far[j]]), abs=1e-6)
+
+
+def test_pair_table_owns_every_partner_once():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    t = positive_pair_table(labels)
+    ends = t.ends.tolist()
+    assert sorted(map(tuple, ends)) == [(0, 1), (0, 2), (1, 2), (3, 3), (4, 5)]
+    for i, row in enumerate(t.owned.tolist()):
+        owned = [ends[k] for k in row if k < t.num_pairs]
+        partners = sorted(b if a == i else a for a, b in owned)
+        expected = sorted(j for j in range(6) if j != i and labels[j] == labels[i]) or [i]
+        assert partners == expected
+
+
+def test_never_above_plain_distance_and_symmetric():
+    g = torch.Generator().manual_seed(6)
+    emb = torch.randn(64, 32, generator=g)
+    labels = torch.randint(0, 12, (64,), generator=g)
+    for base in (LpDistance(), LpDistance(normalize_embeddings=False)):
+        mat = LoOpDistance(base).loop_mat(emb, labels)
+        plain = base(emb)
+        assert (mat <= plain + 1e-6).all()
+        assert torch.allclose(mat, mat.T, atol=1e-5)
+    sim = LoOpDistance(CosineSimilarity()).loop_mat(emb, labels)
+    assert (sim >= CosineSimilarity()(emb) - 1e-6).all()

@@ -1,0 +1,267 @@
+"""LoOpLoss / LoOpMiner / LoOpReducer inside PML: every listed loss and wrapper."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning.distances import (
+    CosineSimilarity,
+    DotProductSimilarity,
+    LpDistance,
+    SNRDistance,
+)
+from pytorch_metric_learning.utils import common_functions as c_f
+
+from pml_loop import LoOpDistance, LoOpLoss, LoOpMiner, LoOpReducer
+
+
+def _batch(seed=0, classes=8, per_class=4, d=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(classes * per_class, d, generator=g, dtype=dtype)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return emb, labels
+
+
+LOSSES = {
+    "TripletMarginLoss": lambda: losses.TripletMarginLoss(margin=0.2),
+    "TripletMarginLoss(swap)": lambda: losses.TripletMarginLoss(margin=0.2, swap=True),
+    "ContrastiveLoss": lambda: losses.ContrastiveLoss(),
+    "MultiSimilarityLoss": lambda: losses.MultiSimilarityLoss(),
+    "GeneralizedLiftedStructureLoss": lambda: losses.GeneralizedLiftedStructureLoss(),
+    "LiftedStructureLoss": lambda: losses.LiftedStructureLoss(),
+    "SupConLoss": lambda: losses.SupConLoss(),
+    "CircleLoss": lambda: losses.CircleLoss(),
+    "NTXentLoss": lambda: losses.NTXentLoss(),
+    "TupletMarginLoss": lambda: losses.TupletMarginLoss(),
+    "MarginLoss": lambda: losses.MarginLoss(),
+    "FastAPLoss": lambda: losses.FastAPLoss(),
+    "NPairsLoss": lambda: losses.NPairsLoss(),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_every_loss_forward_backward(name):
+    emb, labels = _batch()
+    emb.requires_grad_()
+    loss = LoOpLoss(LOSSES[name]())
+    value = loss(emb, labels)
+    value.backward()
+    assert value.ndim == 0 and torch.isfinite(value)
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_batch_of_singletons_gives_the_plain_loss(name):
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(12, 8, generator=g)
+    labels = torch.arange(12)  # no positives anywhere: every pair is a point
+    torch.manual_seed(0)
+    plain = LOSSES[name]()(emb, labels)
+    torch.manual_seed(0)
+    wrapped = LoOpLoss(LOSSES[name]())(emb, labels)
+    assert torch.allclose(plain, wrapped, atol=1e-5)
+
+
+@pytest.mark.parametrize("distance", [
+    LpDistance(), LpDistance(normalize_embeddings=False), LpDistance(power=2),
+    CosineSimilarity(), DotProductSimilarity(), DotProductSimilarity(normalize_embeddings=False),
+])
+def test_each_distance_form(distance):
+    emb, labels = _batch(2)
+    emb.requires_grad_()
+    plain = losses.ContrastiveLoss(distance=copy.deepcopy(distance))
+    wrapped = LoOpLoss(losses.ContrastiveLoss(distance=copy.deepcopy(distance)))
+    v = wrapped(emb, labels)
+    v.backward()
+    assert torch.isfinite(emb.grad).all()
+    assert v >= plain(emb, labels) - 1e-6
+
+
+@pytest.mark.parametrize("make", [lambda: losses.TripletMarginLoss(margin=0.5), lambda: losses.ContrastiveLoss(neg_margin=2.0)])
+def test_loop_never_lowers_triplet_and_contrastive(make):
+    for seed in range(5):
+        emb, labels = _batch(seed, d=6)
+        assert LoOpLoss(make())(emb, labels) >= make()(emb, labels) - 1e-6
+
+
+def test_triplet_loss_uses_loop_negative_distance_exactly():
+    emb, labels = _batch(3, classes=4, per_class=3, d=5, dtype=torch.float64)
+    a, p, n = torch.tensor([0]), torch.tensor([1]), torch.tensor([4])
+    loss = LoOpLoss(losses.TripletMarginLoss(margin=10.0, reducer=None))
+    value = loss(emb, labels, indices_tuple=(a, p, n))
+    mat = LoOpDistance(LpDistance()).loop_mat(emb, labels)
+    assert value.item() == pytest.approx((mat[0, 1] - mat[0, 4] + 10.0).item())
+
+
+@pytest.mark.parametrize("miner", [
+    miners.MultiSimilarityMiner(), miners.TripletMarginMiner(margin=0.5), miners.BatchHardMiner(),
+    miners.PairMarginMiner(),
+])
+def test_indices_tuple_from_pml_miners(miner):
+    emb, labels = _batch(4)
+    emb.requires_grad_()
+    loss = LoOpLoss(losses.TripletMarginLoss() if len(miner(emb, labels)) == 3 else losses.ContrastiveLoss())
+    loss(emb, labels, miner(emb, labels)).backward()
+    assert torch.isfinite(emb.grad).all()
+
+
+def test_ref_emb_and_ref_labels():
+    emb, labels = _batch(5, classes=4, per_class=2)
+    ref, ref_labels = _batch(6, classes=6, per_class=3)
+    emb.requires_grad_()
+    value = LoOpLoss(losses.ContrastiveLoss())(emb, labels, ref_emb=ref, ref_labels=ref_labels)
+    value.backward()
+    plain = losses.ContrastiveLoss()(emb, labels, ref_emb=ref, ref_labels=ref_labels)
+    assert torch.isfinite(emb.grad).all() and value >= plain - 1e-6
+
+
+def test_cross_batch_memory():
+    cbm = losses.CrossBatchMemory(losses.ContrastiveLoss(), embedding_size=16, memory_size=64,
+                                  miner=LoOpMiner(margin=0.5))
+    loss = LoOpLoss(cbm)
+    for seed in range(4):
+        emb, labels = _batch(seed)
+        emb.requires_grad_()
+        loss(emb, labels).backward()
+        assert torch.isfinite(emb.grad).all()
+    assert cbm.has_been_filled
+    assert isinstance(cbm.loss, LoOpLoss) and cbm.miner.distance is loss.loop_distance
+
+
+def test_miner_shares_the_search_with_the_loss(monkeypatch):
+    import pml_loop.distance as dist_mod
+    calls = []
+    original = dist_mod.search_winners
+    monkeypatch.setattr(dist_mod, "search_winners", lambda *a, **k: calls.append(1) or original(*a, **k))
+    emb, labels = _batch(7)
+    LoOpLoss(losses.TripletMarginLoss(), miner=LoOpMiner(type_of_tuples="semihard"))(emb, labels)
+    assert len(calls) == 1
+
+
+def test_loop_miner_outputs():
+    emb, labels = _batch(8, d=4)
+    a, p, n = LoOpMiner(margin=0.1)(emb, labels)
+    mat = LoOpDistance(LpDistance()).loop_mat(emb, labels)
+    assert (mat[a, n] - mat[a, p] <= 0.1 + 1e-6).all()
+    assert (labels[a] == labels[p]).all() and (labels[a] != labels[n]).all()
+    hard = LoOpMiner(margin=0.1, type_of_tuples="hard")(emb, labels)
+    assert len(hard[0]) <= len(a)
+    a1, pos, a2, neg = LoOpMiner(margin=0.1, output="pairs")(emb, labels)
+    assert (labels[a1] == labels[pos]).all() and (labels[a2] != labels[neg]).all()
+    qa, qp, qn, qq = LoOpMiner(margin=0.1, output="quadruplets")(emb, labels)
+    assert (labels[qa] == labels[qp]).all() and (labels[qn] == labels[qq]).all()
+    assert (labels[qa] != labels[qn]).all()
+    from pml_loop.functional import loop_distance
+    x = F.normalize(emb, dim=1)
+    d = loop_distance(x[qa], x[qp], x[qn], x[qq], sphere=True)
+    assert torch.allclose(d, mat[qa, qn], atol=1e-4)
+    # A LoOpMiner also serves a plain PML loss.
+    losses.TripletMarginLoss()(emb, labels, (a, p, n))
+
+
+def test_loop_reducer_modes():
+    emb, labels = _batch(9)
+    emb.requires_grad_()
+    values = {}
+    for mode in ("hardest", "mean", "soft"):
+        loss = LoOpLoss(losses.TripletMarginLoss(margin=0.5), reducer=LoOpReducer(mode=mode))
+        values[mode] = loss(emb, labels)
+        values[mode].backward()
+        assert torch.isfinite(emb.grad).all()
+    assert values["hardest"] >= values["mean"]
+    assert values["soft"] >= values["hardest"] - 1e-6  # log-sum-exp bounds the max from above
+    # Per positive pair, "hardest" is the max over negatives of the triplet loss.
+    loss = losses.TripletMarginLoss(margin=0.5, reducer=LoOpReducer(mode="hardest", positives="hardest"))
+    mat = LpDistance()(emb.detach())
+    expected = []
+    for i in range(len(labels)):
+        pos = (labels == labels[i]) & (torch.arange(len(labels)) != i)
+        neg = labels != labels[i]
+        expected.append(F.relu(mat[i][pos].max() - mat[i][neg].min() + 0.5))
+    assert loss(emb.detach(), labels).item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-5)
+    # Contrastive gives pos_pair / neg_pair losses: the reducer groups negatives per anchor.
+    LoOpLoss(losses.ContrastiveLoss(), reducer=LoOpReducer(mode="soft"))(emb, labels).backward()
+
+
+def test_save_deepcopy_and_record_keeper(tmp_path):
+    import record_keeper as rk
+    loss = LoOpLoss(losses.MultiSimilarityLoss(), miner=LoOpMiner(), reducer=None)
+    emb, labels = _batch(10)
+    before = loss(emb, labels)
+    clone = copy.deepcopy(loss)
+    buf = io.BytesIO()
+    torch.save(loss, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.allclose(clone(emb, labels), before) and torch.allclose(loaded(emb, labels), before)
+    keeper = rk.RecordKeeper(record_writer=rk.RecordWriter(str(tmp_path)),
+                             attributes_to_search_for=c_f.list_of_recordable_attributes_list_names())
+    keeper.update_records({"metric_loss": loss}, 1, recursive_types=[torch.nn.Module])
+    recorded = keeper.get_record("metric_loss_LoOpLoss")
+    assert recorded["num_negative_entries"] == [len(labels) * (len(labels) - 4)]
+    assert recorded["avg_base_minus_loop"][0] > 0
+    keeper.save_records()
+    assert (tmp_path / "logs.db").exists()
+
+
+def test_distributed_loss_wrapper_in_a_real_process_group(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "rdzv")), nprocs=2, join=True)
+
+
+def _distributed_worker(rank, world_size, rdzv):
+    import torch.distributed as dist
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world_size)
+    try:
+        emb, labels = _batch(rank, classes=4, per_class=2)
+        emb.requires_grad_()
+        for efficient in (False, True):
+            DistributedLossWrapper(LoOpLoss(losses.TripletMarginLoss()), efficient=efficient)(emb, labels).backward()
+            assert torch.isfinite(emb.grad).all()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_errors_name_the_problem():
+    emb, labels = _batch(11)
+    with pytest.raises(ValueError, match="SignalToNoise"):
+        LoOpLoss(losses.SignalToNoiseRatioContrastiveLoss())
+    with pytest.raises(ValueError, match="LoOp supports"):
+        LoOpLoss(losses.ContrastiveLoss(distance=SNRDistance()))
+    with pytest.raises(ValueError, match="p=1"):
+        LoOpLoss(losses.ContrastiveLoss(distance=LpDistance(p=1)))
+    with pytest.raises(ValueError, match="labels"):
+        LoOpLoss(losses.ContrastiveLoss())(emb)
+    with pytest.raises(ValueError, match="Number of embeddings"):
+        LoOpLoss(losses.ContrastiveLoss())(emb, labels[:-1])
+    with pytest.raises(ValueError, match="shape"):
+        LoOpLoss(losses.ContrastiveLoss())(emb[None], labels)
+    bad = emb.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        LoOpLoss(losses.ContrastiveLoss())(bad, labels)
+    with pytest.raises(RuntimeError, match="needs labels"):
+        LoOpDistance()(emb)
+    with pytest.raises(ValueError, match="partners"):
+        LoOpDistance(partners="some")
+    with pytest.raises(ValueError, match="mode"):
+        LoOpReducer(mode="max")
+    with pytest.raises(ValueError, match="quadruplets"):
+        LoOpLoss(losses.TripletMarginLoss(), miner=LoOpMiner(output="quadruplets"))
+
+
+def test_degenerate_batches_have_finite_gradients():
+    emb = torch.zeros(8, 4)
+    emb[4:] = torch.randn(4, 4)
+    emb[1] = emb[0]
+    emb[2] = -emb[3] if emb[3].abs().sum() > 0 else emb[2]
+    emb.requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for d in (LpDistance(), LpDistance(normalize_embeddings=False), CosineSimilarity()):
+        emb.grad = None
+        LoOpLoss(losses.ContrastiveLoss(distance=d))(emb, labels).backward()
+        assert torch.isfinite(emb.grad).all()
