@@ -25,7 +25,7 @@ def segment_distance(x1, x2, x3, x4):
     def f(z):
         s, t = z
         return float(np.sum(((1 - s) * x1 + s * x2 - (1 - t) * x3 - t * x4) ** 2))
-    val, _ = _grid_then_refine(f, (0, 0), (1, 1), n=5)  # convex: any start converges
+    val, _ = _grid_then_refine(f, (0, 0), (1, 1), n=11)
     return np.sqrt(max(val, 0.0))
 
 
@@ -60,7 +60,7 @@ def arc_distance(x1, x2, x3, x4):
         p = np.cos(a) * x1 + np.sin(a) * f1
         q = np.cos(b) * x3 + np.sin(b) * f2
         return float(np.sum((p - q) ** 2))
-    val, _ = _grid_then_refine(f, (0, 0), (t1, t2), n=17)  # not convex: grid for the basin
+    val, _ = _grid_then_refine(f, (0, 0), (t1, t2), n=25)  # not convex: grid for the basin
     return np.sqrt(max(val, 0.0))
 
 

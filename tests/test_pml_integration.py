@@ -200,8 +200,8 @@ def test_save_deepcopy_and_record_keeper(tmp_path):
                              attributes_to_search_for=c_f.list_of_recordable_attributes_list_names())
     keeper.update_records({"metric_loss": loss}, 1, recursive_types=[torch.nn.Module])
     recorded = keeper.get_record("metric_loss_LoOpLoss")
-    assert recorded["num_negative_entries"] == [len(labels) * (len(labels) - 4)]
-    assert recorded["avg_base_minus_loop"][0] > 0
+    assert recorded["num_negative_entries"] == {1: len(labels) * (len(labels) - 4)}
+    assert recorded["avg_base_minus_loop"][1] > 0
     keeper.save_records()
     assert (tmp_path / "logs.db").exists()
 
