@@ -215,3 +215,13 @@ def test_bad_config_stops_before_training(tmp_path, capsys, monkeypatch, overrid
     err = capsys.readouterr().err
     assert err.startswith("config error:") and message in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_mlp_embedder_gets_the_trunk_output_size_prepended():
+    # powerful-benchmarker's convention: layer_sizes omits the input size
+    cfg = tiny_config(models={"trunk": {"Linear": {"in_features": DIM, "out_features": 16}},
+                              "embedder": {"MLP": {"layer_sizes": [32, 8]}}})
+    models = runner.build_models(cfg, torch.zeros(DIM), torch.device("cpu"))
+    linears = [m for m in models["embedder"].modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 32), (32, 8)]
+    assert models["embedder"](models["trunk"](torch.zeros(3, DIM))).shape == (3, 8)

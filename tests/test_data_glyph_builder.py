@@ -198,3 +198,13 @@ def test_cli_writes_npz(font_dir, tmp_path):
     with np.load(out) as npz:
         assert npz["images"].shape[2:] == (8, 8)
         assert npz["images"].shape[0] == 3
+
+
+def test_exclude_packages_skips_their_fonts(font_dir, monkeypatch):
+    monkeypatch.setattr(bg, "debian_package_of", lambda path: "fonts-a" if "/a/" in path else "")
+    glyphs = bg.build_glyph_set(
+        font_dir, size=8, render_px=16, min_coverage=10, max_bad_fraction=0.1,
+        num_probe=12, exclude_packages=["fonts-a"], verbose=False,
+    )
+    # With Alpha excluded, its copy is no longer a duplicate and is kept.
+    assert glyphs["face_names"].tolist() == ["Alpha Copy", "Gamma", "Phi"]

@@ -20,13 +20,13 @@ def test_glyph_cnn_trains():
     x, y = torch.rand(16, 1, 16, 16), torch.randint(0, 2, (16,))
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     first = None
-    for _ in range(30):
+    for _ in range(15):
         loss = nn.functional.cross_entropy(model(x), y)
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < first * 0.5
+    assert loss.item() < first * 0.7
 
 
 def test_mlp_sizes():

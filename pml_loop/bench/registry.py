@@ -436,7 +436,7 @@ def check_buildable(cfg: Mapping[str, Any], provenance: Optional[Provenance] = N
     built: dict[str, Any] = {}
     for name, spec in (cfg.get("models") or {}).items():
         if spec is not None:
-            built[f"models.{name}"] = _build_model(_with_mlp_input(name, spec), root.child("models", name))
+            built[f"models.{name}"] = _build_model(spec, root.child("models", name))
     for group in ("loss_funcs", "mining_funcs"):
         for name, obj in build_all(cfg.get(group), where=root.child(group)).items():
             built[f"{group}.{name}"] = obj
@@ -455,18 +455,6 @@ def check_buildable(cfg: Mapping[str, Any], provenance: Optional[Provenance] = N
         if cfg.get(key) is not None:
             built[key] = check_spec(cfg[key], where=root.child(key))
     return built
-
-
-def _with_mlp_input(name: str, spec: Any) -> Any:
-    """An embedder `MLP`'s `layer_sizes` omit the input size, which the runner
-    takes from the trunk's output (powerful-benchmarker's convention); a
-    stand-in input size makes it buildable here."""
-    if name == "trunk" or not is_spec(spec) or next(iter(spec)) != "MLP":
-        return spec
-    kwargs = dict(spec["MLP"] or {})
-    sizes = list(kwargs.get("layer_sizes") or [])
-    kwargs["layer_sizes"] = sizes[:1] + sizes
-    return {"MLP": kwargs}
 
 
 def _build_model(spec: Any, where: Location) -> Any:

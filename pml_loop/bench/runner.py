@@ -501,6 +501,14 @@ class FoldTraining:
         self._save(is_best=False)
 
 
+def is_complete(state: ckpt.TrainingState, cfg: Mapping[str, Any]) -> bool:
+    """A finished fold needs no more training unless the config now asks for
+    more epochs than it ran (and it did not stop early)."""
+    patience = cfg.get("patience")
+    stopped_early = patience is not None and state.evals_without_improvement > patience
+    return state.finished and (stopped_early or state.epoch >= cfg["num_epochs_train"])
+
+
 def run_fold(
     cfg: Mapping[str, Any],
     experiment_dir: str,
@@ -508,7 +516,8 @@ def run_fold(
     resume: Optional[str] = None,
     dataset_root: Optional[str] = None,
 ) -> FoldResult:
-    """Train (or resume) one fold; a finished fold is not trained again."""
+    """Train (or resume) one fold. With resume="latest" a complete fold is
+    skipped; a finished one whose num_epochs_train was raised trains on."""
     folder = fold_dir(experiment_dir, fold)
     models_dir = fold_subdirs(folder)["saved_models"]
     if resume is None and ckpt.load_checkpoint(models_dir, ckpt.LATEST) is not None:
@@ -518,15 +527,16 @@ def run_fold(
         )
     if resume is not None and resume not in RESUME_CHOICES:
         raise ConfigError(f"resume_training must be one of {RESUME_CHOICES}, got {resume!r}")
-    if resume is not None:
+    if resume == ckpt.LATEST:
         latest = ckpt.load_checkpoint(models_dir, ckpt.LATEST)
-        if latest is not None and latest["state"]["finished"] and resume == ckpt.LATEST:
+        if latest is not None and is_complete(ckpt.TrainingState.from_dict(latest["state"]), cfg):
             return FoldResult(fold, folder, ckpt.TrainingState.from_dict(latest["state"]), skipped=True)
 
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg["num_threads"])
     run = FoldTraining(cfg, folder, fold, dataset_root)
-    resumed = resume is not None and run.restore(resume)
+    # no best checkpoint yet (only the untrained epoch was evaluated): latest
+    resumed = resume is not None and (run.restore(resume) or run.restore(ckpt.LATEST))
     if resumed:
         run.state.finished = False
         LOGGER.info("fold %d: resuming after epoch %d", fold, run.state.epoch)

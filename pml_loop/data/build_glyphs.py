@@ -312,6 +312,7 @@ def build_glyph_set(
     num_probe: int = 200,
     max_classes: Optional[int] = None,
     levels: int = 16,
+    exclude_packages: Sequence[str] = (),
     seed: int = 0,
     verbose: bool = True,
 ) -> Dict[str, np.ndarray]:
@@ -329,12 +330,17 @@ def build_glyph_set(
         num_probe: ideographs rendered per face for the broken/duplicate check.
         max_classes: keep at most this many ideographs (a seeded sample).
         levels: grey levels kept (:func:`quantize`); 256 keeps them all.
+        exclude_packages: Debian packages whose faces are skipped (e.g. to
+            leave out a licence you do not want in the shipped file).
     Returns:
         the arrays :func:`save_glyph_set` writes.
     """
     log = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
     faces, coverage = [], []
     for path in find_font_files(font_dir):
+        if exclude_packages and debian_package_of(str(path)) in set(exclude_packages):
+            log(f"skip {path}: package excluded")
+            continue
         for face, mapped in read_faces(path):
             faces.append(face)
             coverage.append(mapped)
@@ -426,13 +432,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num_probe", type=int, default=200)
     parser.add_argument("--max_classes", type=int, default=None)
     parser.add_argument("--levels", type=int, default=16, help="grey levels kept")
+    parser.add_argument("--exclude_packages", nargs="*", default=[],
+                        help="Debian packages whose fonts are skipped")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     glyph_set = build_glyph_set(
         args.font_dir, size=args.size, render_px=args.render_px or 2 * args.size,
         min_coverage=args.min_coverage, max_correlation=args.max_correlation,
         max_bad_fraction=args.max_bad_fraction, num_probe=args.num_probe,
-        max_classes=args.max_classes, levels=args.levels, seed=args.seed,
+        max_classes=args.max_classes, levels=args.levels,
+        exclude_packages=args.exclude_packages, seed=args.seed,
     )
     save_glyph_set(args.out, glyph_set)
     print(f"wrote {args.out}: {glyph_set['images'].shape} "
