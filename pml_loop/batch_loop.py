@@ -4,7 +4,8 @@ Entry (i, j) is the optimum over the pairs owned by i (query side) and by j
 (reference side). The search runs without gradient on the grid of
 (query pair, reference pair) combinations, chunked so memory stays bounded;
 it only needs the Gram blocks. The winning combination of each entry is then
-measured again with gradient (Danskin), on ``(n_q, n_r)`` entries only.
+measured again with gradient at its fixed optimal weights (Danskin), on
+``(n_q, n_r)`` entries only.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import Geometry, PairWeights, QuadGram, measure_at, optimal_weights, search_badness
+from .functional import Geometry, PairWeights, QuadGram, measure_at, search_badness
 from .pairs import PairTable
 
 #: Elements of one search chunk (query pairs x reference pairs). The arc
@@ -66,51 +67,34 @@ def search_winners(
     table_r: PairTable,
     geometry: Geometry,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> Winners:
-    """Best (query pair, reference pair) for every entry (i, j)."""
-    kq, kr = table_q.num_pairs, table_r.num_pairs
-    n_r = table_r.owned.shape[0]
-    per_row = max(kr, n_r * table_r.owned.shape[1])
-    rows = max(1, chunk_elements // max(per_row, 1))
+) -> tuple[Winners, PairWeights]:
+    """Best (query pair, reference pair) of every entry (i, j), and its optimal weights."""
+    kq = table_q.num_pairs
+    n_r, deg_r = table_r.owned.shape
+    rows = max(1, chunk_elements // max(table_r.num_pairs, n_r * deg_r, 1))
     g = GramBlocks(*(x.detach() for x in g))
-    best_val = torch.empty(kq, n_r, dtype=g.qr.dtype, device=g.qr.device)
+    best_val = torch.empty(kq + 1, n_r, dtype=g.qr.dtype, device=g.qr.device)
+    best_val[kq] = float("inf")  # sentinel row for the padding of table_q.owned
     best_ref = torch.empty(kq, n_r, dtype=torch.long, device=g.qr.device)
+    best_w = torch.empty(4, kq, n_r, dtype=g.qr.dtype, device=g.qr.device)
+    cols = torch.arange(n_r, device=g.qr.device)
     for start in range(0, kq, rows):
-        ends_q = table_q.ends[start:start + rows]
-        bad, _ = search_badness(_pair_quad_gram(g, ends_q[:, None], table_r.ends[None]), geometry)
+        stop = min(start + rows, kq)
+        ends_q = table_q.ends[start:stop]
+        bad, w = search_badness(_pair_quad_gram(g, ends_q[:, None], table_r.ends[None]), geometry)
         # Sentinel column K_r = +inf so padded slots never win.
         bad = torch.cat((bad, bad.new_full((len(ends_q), 1), float("inf"))), 1)
         val, slot = bad[:, table_r.owned].min(-1)  # (rows, n_r, deg_r) -> (rows, n_r)
-        best_val[start:start + rows] = val
-        best_ref[start:start + rows] = _slot_to_pair(table_r.owned, slot)
-    best_val = torch.cat((best_val, best_val.new_full((1, n_r), float("inf"))), 0)
+        ref = table_r.owned[cols, slot]
+        best_val[start:stop] = val
+        best_ref[start:stop] = ref
+        # Keep the winner's weights now rather than searching the winners again.
+        best_w[:, start:stop] = torch.stack(tuple(w), 0).gather(2, ref.expand(4, -1, -1))
     _, slot = best_val[table_q.owned].min(1)  # (n_q, deg_q, n_r) -> (n_q, n_r)
     query_pair = table_q.owned.gather(1, slot)
     ref_pair = best_ref.gather(0, query_pair)
-    return Winners(query_pair, ref_pair)
-
-
-def _slot_to_pair(owned: Tensor, slot: Tensor) -> Tensor:
-    """owned[j, slot[k, j]] for a ``(rows, n_r)`` slot table."""
-    j = torch.arange(owned.shape[0], device=owned.device).expand_as(slot)
-    return owned[j, slot]
-
-
-def winner_weights(
-    g: GramBlocks, table_q: PairTable, table_r: PairTable, winners: Winners, geometry: Geometry,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> PairWeights:
-    """Optimal weights of each entry's winning combination, computed again on
-    ``(n_q, n_r)`` entries in row chunks (no gradient)."""
-    g = GramBlocks(*(x.detach() for x in g))
-    n_q, n_r = winners.query_pair.shape
-    rows = max(1, chunk_elements // max(n_r, 1))
-    parts = []
-    for start in range(0, n_q, rows):
-        sl = slice(start, start + rows)
-        q = _pair_quad_gram(g, table_q.ends[winners.query_pair[sl]], table_r.ends[winners.ref_pair[sl]])
-        parts.append(torch.stack(tuple(optimal_weights(q, geometry)), 0))
-    return PairWeights(*torch.cat(parts, 1).unbind(0))
+    weights = best_w.gather(1, query_pair.expand(4, -1, -1))
+    return Winners(query_pair, ref_pair), PairWeights(*weights.unbind(0))
 
 
 def measure_winners(

@@ -27,7 +27,6 @@ from .batch_loop import (
     gram_blocks,
     measure_winners,
     search_winners,
-    winner_weights,
 )
 from .functional import Geometry, PairWeights, safe_sqrt
 from .pairs import PARTNERS, Partners, PairTable, positive_pair_table
@@ -247,8 +246,7 @@ class LoOpDistance(BaseDistance):
         else:
             far_r = self._farness(g.rr, g.rr.diagonal(), g.rr.diagonal()) if self.partners == "hardest" else None
             table_r = positive_pair_table(r_labels, self.partners, far_r)
-        winners = search_winners(g, table_q, table_r, self.geometry, self.chunk_elements)
-        weights = winner_weights(g, table_q, table_r, winners, self.geometry, self.chunk_elements)
+        winners, weights = search_winners(g, table_q, table_r, self.geometry, self.chunk_elements)
         return _Search(keys, table_q, table_r, winners, weights)
 
     def _paired_mat(self, qn: Tensor, rn: Tensor) -> Tensor:
