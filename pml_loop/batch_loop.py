@@ -17,10 +17,10 @@ from torch import Tensor
 from .functional import Geometry, PairWeights, QuadGram, measure_at, search_badness
 from .pairs import PairTable
 
-#: Elements of one search chunk (query pairs x reference pairs). The arc
-#: search keeps about 10 temporaries of 9 candidates each, so 2**21 elements
-#: stay around 1 GB in float32 at most and far less in practice.
-DEFAULT_CHUNK_ELEMENTS = 2**21
+#: Pair combinations searched at once. The arc search keeps about 60
+#: temporaries, 9-candidate stacks included, so 2**18 combinations stay near
+#: 100 MB in float32.
+DEFAULT_CHUNK_ELEMENTS = 2**18
 
 
 class GramBlocks(NamedTuple):
@@ -47,9 +47,8 @@ def gram_blocks(query: Tensor, ref: Tensor, same_set: bool) -> GramBlocks:
 
 
 def _pair_quad_gram(g: GramBlocks, ends_q: Tensor, ends_r: Tensor) -> QuadGram:
-    """QuadGram of pair combinations; ``ends_q``/``ends_r`` are ``(..., 2)`` index tensors
-    whose leading shapes broadcast (``(K_q, 1, 2)`` against ``(1, K_r, 2)``, or two
-    ``(n_q, n_r, 2)``)."""
+    """QuadGram of pair combinations; ``ends_q``, ``ends_r``: ``(..., 2)`` sample
+    indices of the two pairs of each combination (same leading shape)."""
     a, b = ends_q[..., 0], ends_q[..., 1]
     c, d = ends_r[..., 0], ends_r[..., 1]
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
@@ -60,41 +59,70 @@ def _pair_quad_gram(g: GramBlocks, ends_q: Tensor, ends_r: Tensor) -> QuadGram:
     )
 
 
+def _combinations(table_q: PairTable, table_r: PairTable, labels_q: Tensor, labels_r: Tensor,
+                  same_set: bool) -> tuple[Tensor, Tensor]:
+    """Flat (query pair, reference pair) indices worth searching: pairs of different
+    classes only (same-class entries keep the base value), and in one set each
+    unordered combination once (the LoOp value is symmetric)."""
+    lab_q = labels_q[table_q.ends[:, 0]]
+    lab_r = labels_r[table_r.ends[:, 0]]
+    if same_set:
+        k, l = torch.triu_indices(table_q.num_pairs, table_q.num_pairs, 1, device=lab_q.device)
+        keep = lab_q[k] != lab_q[l]
+        return k[keep], l[keep]
+    return (lab_q[:, None] != lab_r[None, :]).nonzero(as_tuple=True)
+
+
 @torch.no_grad()
 def search_winners(
     g: GramBlocks,
     table_q: PairTable,
     table_r: PairTable,
+    labels_q: Tensor,
+    labels_r: Tensor,
+    same_set: bool,
     geometry: Geometry,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> tuple[Winners, PairWeights]:
-    """Best (query pair, reference pair) of every entry (i, j), and its optimal weights."""
-    kq = table_q.num_pairs
-    n_r, deg_r = table_r.owned.shape
-    rows = max(1, chunk_elements // max(table_r.num_pairs, n_r * deg_r, 1))
+    """Best (query pair, reference pair) of every entry (i, j), and its optimal weights.
+
+    Entries of one class get an arbitrary (finite) winner: their value is the
+    base distance, see :class:`~pml_loop.LoOpDistance`.
+    """
     g = GramBlocks(*(x.detach() for x in g))
-    best_val = torch.empty(kq + 1, n_r, dtype=g.qr.dtype, device=g.qr.device)
-    best_val[kq] = float("inf")  # sentinel row for the padding of table_q.owned
-    best_ref = torch.empty(kq, n_r, dtype=torch.long, device=g.qr.device)
-    best_w = torch.empty(4, kq, n_r, dtype=g.qr.dtype, device=g.qr.device)
-    cols = torch.arange(n_r, device=g.qr.device)
+    kq, kr = table_q.num_pairs, table_r.num_pairs
+    dtype, device = g.qr.dtype, g.qr.device
+    bad = torch.full((kq, kr + 1), float("inf"), dtype=dtype, device=device)  # column kr: padding
+    # Defaults: the first ends (a corner), finite for any geometry.
+    weights = torch.zeros(4, kq, kr + 1, dtype=dtype, device=device)
+    weights[0] = weights[2] = 1
+    k_all, l_all = _combinations(table_q, table_r, labels_q, labels_r, same_set)
+    for start in range(0, len(k_all), chunk_elements):
+        k, l = k_all[start:start + chunk_elements], l_all[start:start + chunk_elements]
+        b, w = search_badness(_pair_quad_gram(g, table_q.ends[k], table_r.ends[l]), geometry)
+        w = torch.stack(tuple(w), 0)
+        bad[k, l] = b
+        weights[:, k, l] = w
+        if same_set:  # the mirrored combination: same value, roles of the pairs swapped
+            bad[l, k] = b
+            weights[:, l, k] = w[[2, 3, 0, 1]]
+    # Reduce over the pairs each reference sample owns, then each query sample owns.
+    n_r, deg_r = table_r.owned.shape
+    rows = max(1, chunk_elements // max(n_r * deg_r, 1))
+    best_val = torch.empty(kq + 1, n_r, dtype=dtype, device=device)
+    best_val[kq] = float("inf")  # padding row of table_q.owned
+    best_ref = torch.empty(kq, n_r, dtype=torch.long, device=device)
+    cols = torch.arange(n_r, device=device)
     for start in range(0, kq, rows):
         stop = min(start + rows, kq)
-        ends_q = table_q.ends[start:stop]
-        bad, w = search_badness(_pair_quad_gram(g, ends_q[:, None], table_r.ends[None]), geometry)
-        # Sentinel column K_r = +inf so padded slots never win.
-        bad = torch.cat((bad, bad.new_full((len(ends_q), 1), float("inf"))), 1)
-        val, slot = bad[:, table_r.owned].min(-1)  # (rows, n_r, deg_r) -> (rows, n_r)
-        ref = table_r.owned[cols, slot]
+        val, slot = bad[start:stop, table_r.owned].min(-1)  # (rows, n_r, deg_r) -> (rows, n_r)
         best_val[start:stop] = val
-        best_ref[start:stop] = ref
-        # Keep the winner's weights now rather than searching the winners again.
-        best_w[:, start:stop] = torch.stack(tuple(w), 0).gather(2, ref.expand(4, -1, -1))
+        best_ref[start:stop] = table_r.owned[cols, slot]
     _, slot = best_val[table_q.owned].min(1)  # (n_q, deg_q, n_r) -> (n_q, n_r)
     query_pair = table_q.owned.gather(1, slot)
     ref_pair = best_ref.gather(0, query_pair)
-    weights = best_w.gather(1, query_pair.expand(4, -1, -1))
-    return Winners(query_pair, ref_pair), PairWeights(*weights.unbind(0))
+    w = weights[:, query_pair, ref_pair]
+    return Winners(query_pair, ref_pair), PairWeights(*w.unbind(0))
 
 
 def measure_winners(

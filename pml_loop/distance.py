@@ -246,7 +246,9 @@ class LoOpDistance(BaseDistance):
         else:
             far_r = self._farness(g.rr, g.rr.diagonal(), g.rr.diagonal()) if self.partners == "hardest" else None
             table_r = positive_pair_table(r_labels, self.partners, far_r)
-        winners, weights = search_winners(g, table_q, table_r, self.geometry, self.chunk_elements)
+        winners, weights = search_winners(
+            g, table_q, table_r, q_labels, r_labels, same_set, self.geometry, self.chunk_elements
+        )
         return _Search(keys, table_q, table_r, winners, weights)
 
     def _paired_mat(self, qn: Tensor, rn: Tensor) -> Tensor:

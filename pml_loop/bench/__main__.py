@@ -31,15 +31,17 @@ def format_summary(result: runner.ExperimentResult, primary_metric: str) -> str:
         status = "already finished" if fold.skipped else "finished"
         lines.append(
             f"fold {fold.fold} ({status}): best epoch {_fmt(fold.state.best_epoch)}, "
-            f"{_fmt(fold.seconds_per_iteration)} s/iteration"
+            f"{_fmt(fold.seconds_per_iteration)} s/iteration (fastest epoch), "
+            f"{_fmt(fold.median_seconds_per_iteration)} (median)"
         )
         for split, values in fold.state.best_accuracies.items():
             shown = ", ".join(f"{m}={_fmt(values.get(m))}" for m in metrics if m in values)
             lines.append(f"  {split}: {shown}")
     if len(result.folds) > 1:
         lines.append(f"mean over {len(result.folds)} folds:")
-        for split, values in result.meta.items():
-            if isinstance(values, dict) and primary_metric in values:
+        for split in runner.summary_splits(result.meta):
+            values = result.meta[split]
+            if primary_metric in values:
                 shown = ", ".join(
                     f"{m}={values[m]['mean']:.4f}±{values[m]['std']:.4f}" for m in metrics if m in values
                 )
@@ -84,6 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except FileNotFoundError as exc:  # --evaluate before any model was saved
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(result, cfg["eval_primary_metric"]))
     return 0
 

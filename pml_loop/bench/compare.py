@@ -274,8 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     elapsed = time.perf_counter() - start
     note = (
-        f"Test metrics at the epoch with the best val MAP@R; s/it = seconds per training "
-        f"iteration. Seeds {options.seeds}; overrides {' '.join(passthrough) or 'none'}; "
+        f"Test metrics at the epoch with the best val MAP@R; s/it = mean seconds per training "
+        f"iteration of the fastest epoch (other jobs only slow epochs down). Seeds {options.seeds}; overrides {' '.join(passthrough) or 'none'}; "
         f"wall time {elapsed:.0f} s."
     )
     paths = write_results(runs, options.losses, options.root_experiment_folder, note)

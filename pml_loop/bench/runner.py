@@ -42,6 +42,7 @@ TIMING_TABLE = "timing"
 EPOCH_TABLE_PREFIXES = ("accuracies", TIMING_TABLE)
 SCHEDULER_SUFFIXES = ("_scheduler_by_epoch", "_scheduler_by_iteration", "_scheduler_by_plateau")
 RESUME_CHOICES = (ckpt.LATEST, ckpt.BEST)
+SUMMARY_EXTRA_KEYS = ("seconds_per_iteration", "median_seconds_per_iteration", "best_epoch")
 
 
 # ----------------------------------------------------------------- results
@@ -52,9 +53,21 @@ class FoldResult:
     state: ckpt.TrainingState
     skipped: bool = False  # already finished before this call
 
+    def epoch_seconds_per_iteration(self) -> List[float]:
+        return [h["seconds_per_iteration"] for h in self.state.history if h.get("seconds_per_iteration")]
+
     @property
     def seconds_per_iteration(self) -> Optional[float]:
-        times = [h["seconds_per_iteration"] for h in self.state.history if h.get("seconds_per_iteration")]
+        """Mean seconds per training iteration of the fastest epoch. On a
+        shared machine other jobs only ever slow an epoch down, so the
+        fastest one is the cleanest estimate of a loss's own cost (as timeit
+        reports the minimum)."""
+        times = self.epoch_seconds_per_iteration()
+        return float(min(times)) if times else None
+
+    @property
+    def median_seconds_per_iteration(self) -> Optional[float]:
+        times = self.epoch_seconds_per_iteration()
         return float(np.median(times)) if times else None
 
 
@@ -564,9 +577,16 @@ def summarize_folds(results: List[FoldResult]) -> Dict[str, Any]:
         for split, metrics in per_split.items()
     }
     times = [r.seconds_per_iteration for r in results if r.seconds_per_iteration]
+    medians = [r.median_seconds_per_iteration for r in results if r.median_seconds_per_iteration]
     summary["seconds_per_iteration"] = float(np.mean(times)) if times else None
+    summary["median_seconds_per_iteration"] = float(np.mean(medians)) if medians else None
     summary["best_epoch"] = {str(r.fold): r.state.best_epoch for r in results}
     return summary
+
+
+def summary_splits(summary: Mapping[str, Any]) -> List[str]:
+    """The split names of a `summarize_folds` result (its other keys are timings)."""
+    return [k for k in summary if k not in SUMMARY_EXTRA_KEYS]
 
 
 def write_meta_logs(experiment_dir: str, results: List[FoldResult]) -> Dict[str, Any]:
@@ -582,10 +602,9 @@ def write_meta_logs(experiment_dir: str, results: List[FoldResult]) -> Dict[str,
     with open(os.path.join(folder, "best_accuracies.json"), "w") as f:
         json.dump(summary, f, indent=2)
     writer = rk.RecordKeeper(record_writer=rk.RecordWriter(folder=csv_folder))
-    for split, metrics in summary.items():
-        if isinstance(metrics, dict) and split not in ("best_epoch",):
-            means = {m: v["mean"] for m, v in metrics.items()}
-            writer.update_records(means, len(results), parent_name=f"meta_accuracies_{split.upper()}")
+    for split in summary_splits(summary):
+        means = {m: v["mean"] for m, v in summary[split].items()}
+        writer.update_records(means, len(results), parent_name=f"meta_accuracies_{split.upper()}")
     writer.save_records()
     return summary
 

@@ -55,72 +55,69 @@ def arc_squared_chord(q: QuadGram, w: PairWeights) -> Tensor:
 def closest_arc_weights(q: QuadGram) -> PairWeights:
     """Conic weights of the closest points of the two arcs (largest p.q).
 
+    Candidates are ranked by closed-form cosines that take the inputs as unit
+    vectors (9 values, no per-candidate normalisation); the returned weights
+    are valid for any inputs and are measured exactly by :func:`arc_cosine`.
     Shapes: every field of the result has the broadcast shape of ``q``.
     """
-    g11, g12, g22, g33, g34, g44, g13, g14, g23, g24 = torch.broadcast_tensors(*q)
-    eps = torch.finfo(g11.dtype).eps
-    zero, one = torch.zeros_like(g11), torch.ones_like(g11)
-    det_a = g11 * g22 - g12 * g12
-    det_b = g33 * g44 - g34 * g34
-    # sin^2 of the arc angle below this: treat the arc as its two endpoints.
-    flat_a = det_a <= 1e3 * eps * g11 * g22
-    flat_b = det_b <= 1e3 * eps * g33 * g44
+    g12, g34, g13, g14, g23, g24 = torch.broadcast_tensors(q.g12, q.g34, q.g13, q.g14, q.g23, q.g24)
+    eps = torch.finfo(g12.dtype).eps
+    det_a = 1 - g12 * g12  # sin^2 of each arc's angle
+    det_b = 1 - g34 * g34
+    # Below this, treat the arc as its two endpoints (see module docstring).
+    round_a, round_b = det_a > 1e3 * eps, det_b > 1e3 * eps
+    inv_a = torch.where(round_a, 1 / torch.where(round_a, det_a, 1.0), 0.0)
+    inv_b = torch.where(round_b, 1 / torch.where(round_b, det_b, 1.0), 0.0)
+    none = torch.tensor(-2.0, dtype=g12.dtype, device=g12.device)  # below any cosine
 
-    def project_a(y1: Tensor, y2: Tensor) -> tuple[Tensor, Tensor]:
-        # adj(A) (y.x1, y.x2): the projection of y onto span(x1, x2) in weights.
-        return g22 * y1 - g12 * y2, g11 * y2 - g12 * y1
+    def projection(y1: Tensor, y2: Tensor, c: Tensor, inv_det: Tensor, round_: Tensor):
+        # Weights adj (y.e1, y.e2) of the projection of unit y onto the arc's
+        # plane, and its cosine with y: sqrt(y^T adj y / det).
+        w1, w2 = y1 - c * y2, y2 - c * y1
+        ok = round_ & (w1 >= 0) & (w2 >= 0) & (w1 + w2 > 0)
+        cos = ((y1 * w1 + y2 * w2) * inv_det).clamp_min(0).sqrt()
+        return w1, w2, torch.where(ok, cos, none)
 
-    def project_b(y3: Tensor, y4: Tensor) -> tuple[Tensor, Tensor]:
-        return g44 * y3 - g34 * y4, g33 * y4 - g34 * y3
-
-    cands_a1, cands_a2, cands_b1, cands_b2, feasible = [], [], [], [], []
-
-    def add(a1, a2, b1, b2, ok):
-        cands_a1.append(a1), cands_a2.append(a2), cands_b1.append(b1), cands_b2.append(b2)
-        feasible.append(ok)
-
-    always = torch.ones_like(g11, dtype=torch.bool)
-    # Corners.
-    add(one, zero, one, zero, always)
-    add(one, zero, zero, one, always)
-    add(zero, one, one, zero, always)
-    add(zero, one, zero, one, always)
-    # Edges: an endpoint of one arc against its projection on the other.
-    for ya, (a1, a2) in (((g13, g14), (one, zero)), ((g23, g24), (zero, one))):
-        b1, b2 = project_b(*ya)
-        add(a1, a2, b1, b2, ~flat_b & (b1 >= 0) & (b2 >= 0) & (b1 + b2 > 0))
-    for yb, (b1, b2) in (((g13, g23), (one, zero)), ((g14, g24), (zero, one))):
-        a1, a2 = project_a(*yb)
-        add(a1, a2, b1, b2, ~flat_a & (a1 >= 0) & (a2 >= 0) & (a1 + a2 > 0))
-    # Interior: top eigenvector of K = adj(A) C adj(B) C^T.
-    # P = adj(A) C, R = adj(B) C^T, K = P R.
-    p11, p12 = g22 * g13 - g12 * g23, g22 * g14 - g12 * g24
-    p21, p22 = g11 * g23 - g12 * g13, g11 * g24 - g12 * g14
-    r11, r12 = g44 * g13 - g34 * g14, g44 * g23 - g34 * g24
-    r21, r22 = g33 * g14 - g34 * g13, g33 * g24 - g34 * g23
+    # Edges: x1 or x2 against arc B; x3 or x4 against arc A.
+    e1 = projection(g13, g14, g34, inv_b, round_b)
+    e2 = projection(g23, g24, g34, inv_b, round_b)
+    e3 = projection(g13, g23, g12, inv_a, round_a)
+    e4 = projection(g14, g24, g12, inv_a, round_a)
+    # Interior: top eigenvector of K = adj(A) C adj(B) C^T = P R.
+    p11, p12 = g13 - g12 * g23, g14 - g12 * g24
+    p21, p22 = g23 - g12 * g13, g24 - g12 * g14
+    r11, r12 = g13 - g34 * g14, g23 - g34 * g24
+    r21, r22 = g14 - g34 * g13, g24 - g34 * g23
     k11, k12 = p11 * r11 + p12 * r21, p11 * r12 + p12 * r22
     k21, k22 = p21 * r11 + p22 * r21, p21 * r12 + p22 * r22
     half_tr = (k11 + k22) / 2
-    mu = half_tr + torch.sqrt((half_tr * half_tr - (k11 * k22 - k12 * k21)).clamp_min(0))
+    mu = half_tr + (half_tr * half_tr - (k11 * k22 - k12 * k21)).clamp_min(0).sqrt()
     # Two formulas for the eigenvector; the longer one is the stable one.
-    u1, u2 = k12, mu - k11
-    v1, v2 = mu - k22, k21
+    u1, u2, v1, v2 = k12, mu - k11, mu - k22, k21
     use_u = u1 * u1 + u2 * u2 >= v1 * v1 + v2 * v2
     a1, a2 = torch.where(use_u, u1, v1), torch.where(use_u, u2, v2)
     b1, b2 = r11 * a1 + r12 * a2, r21 * a1 + r22 * a2
-    # The pair (l, adj(B) C^T l) has p.q >= 0, so only a common sign flip is allowed.
-    same_sign = ((a1 >= 0) & (a2 >= 0) & (b1 >= 0) & (b2 >= 0)) | (
-        (a1 <= 0) & (a2 <= 0) & (b1 <= 0) & (b2 <= 0)
-    )
-    nonzero = (a1.abs() + a2.abs() > 0) & (b1.abs() + b2.abs() > 0)
-    add(a1.abs(), a2.abs(), b1.abs(), b2.abs(), ~flat_a & ~flat_b & same_sign & nonzero)
+    # (l, adj(B) C^T l) has p.q >= 0, so only a common sign flip is allowed.
+    lo = torch.minimum(torch.minimum(a1, a2), torch.minimum(b1, b2))
+    hi = torch.maximum(torch.maximum(a1, a2), torch.maximum(b1, b2))
+    ok = round_a & round_b & ((lo >= 0) | (hi <= 0))
+    ok &= (a1.abs() + a2.abs() > 0) & (b1.abs() + b2.abs() > 0)
+    interior = torch.where(ok, (mu * inv_a * inv_b).clamp_min(0).sqrt(), none)
+    a1, a2, b1, b2 = a1.abs(), a2.abs(), b1.abs(), b2.abs()
 
-    w = PairWeights(*(torch.stack(c, -1) for c in (cands_a1, cands_a2, cands_b1, cands_b2)))
-    ok = torch.stack(feasible, -1)
-    q_ = QuadGram(*(g.unsqueeze(-1) for g in (g11, g12, g22, g33, g34, g44, g13, g14, g23, g24)))
-    cos = arc_cosine(q_, w).masked_fill(~ok, -2.0)
+    cos = torch.stack((g13, g14, g23, g24, e1[2], e2[2], e3[2], e4[2], interior), -1)
     best = cos.argmax(-1, keepdim=True)
-    return PairWeights(*(x.gather(-1, best).squeeze(-1) for x in w))
+    one, zero = torch.ones_like(g12), torch.zeros_like(g12)
+
+    def pick(*cands: Tensor) -> Tensor:
+        return torch.stack(cands, -1).gather(-1, best).squeeze(-1)
+
+    return PairWeights(
+        pick(one, one, zero, zero, one, zero, e3[0], e4[0], a1),
+        pick(zero, zero, one, one, zero, one, e3[1], e4[1], a2),
+        pick(one, zero, one, zero, e1[0], e2[0], one, zero, b1),
+        pick(zero, one, zero, one, e1[1], e2[1], zero, one, b2),
+    )
 
 
 def arc_angles(q: QuadGram, w: PairWeights) -> tuple[Tensor, Tensor]:
