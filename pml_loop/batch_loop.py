@@ -46,6 +46,11 @@ def gram_blocks(query: Tensor, ref: Tensor, same_set: bool) -> GramBlocks:
     return GramBlocks(query @ query.T, ref @ ref.T, qr)
 
 
+def _take(mat: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``mat[rows, cols]`` through a flat index (faster than 2-D advanced indexing)."""
+    return mat.reshape(-1)[rows * mat.shape[1] + cols]
+
+
 def _pair_quad_gram(g: GramBlocks, ends_q: Tensor, ends_r: Tensor) -> QuadGram:
     """QuadGram of pair combinations; ``ends_q``, ``ends_r``: ``(..., 2)`` sample
     indices of the two pairs of each combination (same leading shape)."""
@@ -53,9 +58,9 @@ def _pair_quad_gram(g: GramBlocks, ends_q: Tensor, ends_r: Tensor) -> QuadGram:
     c, d = ends_r[..., 0], ends_r[..., 1]
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
     return QuadGram(
-        dq[a], g.qq[a, b], dq[b],
-        dr[c], g.rr[c, d], dr[d],
-        g.qr[a, c], g.qr[a, d], g.qr[b, c], g.qr[b, d],
+        dq[a], _take(g.qq, a, b), dq[b],
+        dr[c], _take(g.rr, c, d), dr[d],
+        _take(g.qr, a, c), _take(g.qr, a, d), _take(g.qr, b, c), _take(g.qr, b, d),
     )
 
 
@@ -129,6 +134,30 @@ def measure_winners(
     g: GramBlocks, table_q: PairTable, table_r: PairTable, winners: Winners,
     weights: PairWeights, geometry: Geometry,
 ) -> Tensor:
-    """``(n_q, n_r)`` measure (squared distance, cosine or dot) with gradient."""
-    q = _pair_quad_gram(g, table_q.ends[winners.query_pair], table_r.ends[winners.ref_pair])
-    return measure_at(q, weights, geometry)
+    """``(n_q, n_r)`` measure (squared distance, cosine or dot) with gradient.
+
+    Each winning pair is turned so that entry (i, j)'s own samples come first:
+    then three of the ten inner products are ``diag``/``G_qr`` themselves and
+    only seven need a gather.
+    """
+    ends_q = table_q.ends[winners.query_pair]  # (n_q, n_r, 2)
+    ends_r = table_r.ends[winners.ref_pair]
+    n_q, n_r = winners.query_pair.shape
+    i = torch.arange(n_q, device=ends_q.device)[:, None]
+    j = torch.arange(n_r, device=ends_r.device)[None, :]
+    flip_q = ends_q[..., 0] != i
+    flip_r = ends_r[..., 0] != j
+    p = torch.where(flip_q, ends_q[..., 0], ends_q[..., 1])
+    q = torch.where(flip_r, ends_r[..., 0], ends_r[..., 1])
+    a1, a2, b1, b2 = weights
+    w = PairWeights(
+        torch.where(flip_q, a2, a1), torch.where(flip_q, a1, a2),
+        torch.where(flip_r, b2, b1), torch.where(flip_r, b1, b2),
+    )
+    dq, dr = g.qq.diagonal(), g.rr.diagonal()
+    quad = QuadGram(
+        dq[:, None], _take(g.qq, i, p), dq[p],
+        dr[None, :], _take(g.rr, j, q), dr[q],
+        g.qr, _take(g.qr, i, q), _take(g.qr, p, j), _take(g.qr, p, q),
+    )
+    return measure_at(quad, w, geometry)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import PairWeights, QuadGram
+from .gram import PairWeights, QuadGram, select_best
 
 
 def _norm_sq(w1: Tensor, w2: Tensor, g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
@@ -103,21 +103,17 @@ def closest_arc_weights(q: QuadGram) -> PairWeights:
     ok = round_a & round_b & ((lo >= 0) | (hi <= 0))
     ok &= (a1.abs() + a2.abs() > 0) & (b1.abs() + b2.abs() > 0)
     interior = torch.where(ok, (mu * inv_a * inv_b).clamp_min(0).sqrt(), none)
-    a1, a2, b1, b2 = a1.abs(), a2.abs(), b1.abs(), b2.abs()
 
-    cos = torch.stack((g13, g14, g23, g24, e1[2], e2[2], e3[2], e4[2], interior), -1)
-    best = cos.argmax(-1, keepdim=True)
-    one, zero = torch.ones_like(g12), torch.zeros_like(g12)
-
-    def pick(*cands: Tensor) -> Tensor:
-        return torch.stack(cands, -1).gather(-1, best).squeeze(-1)
-
-    return PairWeights(
-        pick(one, one, zero, zero, one, zero, e3[0], e4[0], a1),
-        pick(zero, zero, one, one, zero, one, e3[1], e4[1], a2),
-        pick(one, zero, one, zero, e1[0], e2[0], one, zero, b1),
-        pick(zero, one, zero, one, e1[1], e2[1], zero, one, b2),
-    )
+    return PairWeights(*select_best(
+        (g13, g14, g23, g24, e1[2], e2[2], e3[2], e4[2], interior),
+        (
+            (1.0, 0.0, 1.0, 0.0), (1.0, 0.0, 0.0, 1.0), (0.0, 1.0, 1.0, 0.0), (0.0, 1.0, 0.0, 1.0),
+            (1.0, 0.0, e1[0], e1[1]), (0.0, 1.0, e2[0], e2[1]),
+            (e3[0], e3[1], 1.0, 0.0), (e4[0], e4[1], 0.0, 1.0),
+            (a1.abs(), a2.abs(), b1.abs(), b2.abs()),
+        ),
+        largest=True,
+    ))
 
 
 def arc_angles(q: QuadGram, w: PairWeights) -> tuple[Tensor, Tensor]:

@@ -59,3 +59,19 @@ def quad_gram(x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> QuadGram:
         dot(x3, x3), dot(x3, x4), dot(x4, x4),
         dot(x1, x3), dot(x1, x4), dot(x2, x3), dot(x2, x4),
     )
+
+
+def select_best(values, payloads, largest: bool):
+    """Per element, the payload of the best candidate.
+
+    ``values``: candidate tensors (broadcastable); ``payloads``: per candidate
+    a tuple of tensors or Python floats. A running comparison rather than a
+    stacked argmax: a few cheap passes beat copying every candidate.
+    """
+    best = values[0]
+    out = [torch.as_tensor(x, dtype=best.dtype, device=best.device).expand_as(best) for x in payloads[0]]
+    for value, payload in zip(values[1:], payloads[1:]):
+        better = value > best if largest else value < best
+        best = torch.where(better, value, best)
+        out = [torch.where(better, x, y) for x, y in zip(payload, out)]
+    return out

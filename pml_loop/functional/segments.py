@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import PairWeights, QuadGram
+from .gram import PairWeights, QuadGram, select_best
 
 
 def segment_coefficients(q: QuadGram) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -67,12 +67,11 @@ def closest_segment_params(q: QuadGram) -> tuple[Tensor, Tensor]:
     s_cands.append(torch.where(inside, s_in, s_cands[0]))
     t_cands.append(torch.where(inside, t_in, t_cands[0]))
 
-    s = torch.stack(torch.broadcast_tensors(*s_cands), -1)
-    t = torch.stack(torch.broadcast_tensors(*t_cands), -1)
-    a_, b_, c_, d_, e_ = (x.unsqueeze(-1) for x in (a, b, c, d, e))
-    value = a_ * s * s + c_ * t * t - 2 * b_ * s * t + 2 * d_ * s - 2 * e_ * t
-    best = value.argmin(-1, keepdim=True)
-    return s.gather(-1, best).squeeze(-1), t.gather(-1, best).squeeze(-1)
+    def value(s: Tensor, t: Tensor) -> Tensor:
+        return a * s * s + c * t * t - 2 * b * s * t + 2 * d * s - 2 * e * t
+
+    cands = list(zip(s_cands, t_cands))
+    return tuple(select_best([value(s, t) for s, t in cands], cands, largest=False))
 
 
 def segment_weights(s: Tensor, t: Tensor) -> PairWeights:
