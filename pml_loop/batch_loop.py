@@ -88,6 +88,7 @@ def search_winners(
     same_set: bool,
     geometry: Geometry,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    compile: bool = False,
 ) -> tuple[Winners, PairWeights]:
     """Best (query pair, reference pair) of every entry (i, j), and its optimal weights.
 
@@ -104,7 +105,7 @@ def search_winners(
     k_all, l_all = _combinations(table_q, table_r, labels_q, labels_r, same_set)
     for start in range(0, len(k_all), chunk_elements):
         k, l = k_all[start:start + chunk_elements], l_all[start:start + chunk_elements]
-        b, w = search_badness(_pair_quad_gram(g, table_q.ends[k], table_r.ends[l]), geometry)
+        b, w = search_badness(_pair_quad_gram(g, table_q.ends[k], table_r.ends[l]), geometry, compile)
         w = torch.stack(tuple(w), 0)
         bad[k, l] = b
         weights[:, k, l] = w

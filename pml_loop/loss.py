@@ -37,6 +37,7 @@ class LoOpLoss(BaseMetricLossFunction):
             e.g. :class:`LoOpReducer`.
         partners: ``"all"`` or ``"hardest"`` (see :class:`LoOpDistance`).
         chunk_elements: memory bound of the search.
+        compile: ``torch.compile`` the search (see :class:`LoOpDistance`).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class LoOpLoss(BaseMetricLossFunction):
         reducer: BaseReducer | None = None,
         partners: Partners = "all",
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        compile: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -57,13 +59,13 @@ class LoOpLoss(BaseMetricLossFunction):
                 raise TypeError("the CrossBatchMemory already wraps a LoOpLoss")
             # CrossBatchMemory checked the inner loss's name when it was built;
             # the LoOp wrapper goes inside it so each call sees the memory as ref.
-            loss.loss = LoOpLoss(inner, reducer=reducer, partners=partners, chunk_elements=chunk_elements)
+            loss.loss = LoOpLoss(inner, reducer=reducer, partners=partners, chunk_elements=chunk_elements, compile=compile)
             self.loop_distance = loss.loss.loop_distance
             if isinstance(loss.miner, LoOpMiner):
                 loss.miner.distance = self.loop_distance
         else:
             _check_supported(loss)
-            self.loop_distance = LoOpDistance(loss.distance, partners=partners, chunk_elements=chunk_elements)
+            self.loop_distance = LoOpDistance(loss.distance, partners=partners, chunk_elements=chunk_elements, compile=compile)
             loss.distance = self.loop_distance
             if reducer is not None:
                 loss.set_reducer(reducer)

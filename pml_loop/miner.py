@@ -35,7 +35,7 @@ class LoOpMiner(BaseMiner):
             with the partners p of a and q of n whose pairs realise its LoOp
             value (not a PML indices tuple: for your own losses).
         distance: a plain PML distance (wrapped here) or a shared LoOpDistance.
-        partners: see :class:`LoOpDistance`.
+        partners, compile: see :class:`LoOpDistance`.
     """
 
     def __init__(
@@ -45,6 +45,7 @@ class LoOpMiner(BaseMiner):
         output: Output = "triplets",
         distance: BaseDistance | None = None,
         partners: Partners = "all",
+        compile: bool = False,
         **kwargs,
     ):
         if type_of_tuples not in TUPLE_TYPES:
@@ -52,7 +53,7 @@ class LoOpMiner(BaseMiner):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if not isinstance(distance, LoOpDistance):
-            distance = LoOpDistance(distance, partners=partners)
+            distance = LoOpDistance(distance, partners=partners, compile=compile)
         super().__init__(distance=distance, **kwargs)
         self.margin = margin
         self.type_of_tuples = type_of_tuples
