@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .functional import Geometry, PairWeights, QuadGram, measure_at, search_badness
+from .functional.compiled import maybe_compiled
 from .pairs import PairTable
 
 #: Pair combinations searched at once. The arc search keeps about 60
@@ -64,18 +65,17 @@ def _pair_quad_gram(g: GramBlocks, ends_q: Tensor, ends_r: Tensor) -> QuadGram:
     )
 
 
-def _combinations(table_q: PairTable, table_r: PairTable, labels_q: Tensor, labels_r: Tensor,
-                  same_set: bool) -> tuple[Tensor, Tensor]:
-    """Flat (query pair, reference pair) indices worth searching: pairs of different
-    classes only (same-class entries keep the base value), and in one set each
-    unordered combination once (the LoOp value is symmetric)."""
-    lab_q = labels_q[table_q.ends[:, 0]]
-    lab_r = labels_r[table_r.ends[:, 0]]
-    if same_set:
-        k, l = torch.triu_indices(table_q.num_pairs, table_q.num_pairs, 1, device=lab_q.device)
-        keep = lab_q[k] != lab_q[l]
-        return k[keep], l[keep]
-    return (lab_q[:, None] != lab_r[None, :]).nonzero(as_tuple=True)
+@torch.no_grad()
+def _search_chunk(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
+    """Badness ``(C,)`` and stacked weights ``(4, C)`` of C pair combinations."""
+    bad, w = search_badness(_pair_quad_gram(g, ends_q, ends_r), geometry)
+    return bad, torch.stack(tuple(w), 0)
+
+
+def symmetric_combinations(num_pairs: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Each unordered combination (k < l) of one set's pairs once: LoOp is symmetric."""
+    k, l = torch.triu_indices(num_pairs, num_pairs, 1, device=device)
+    return k, l
 
 
 @torch.no_grad()
@@ -83,40 +83,52 @@ def search_winners(
     g: GramBlocks,
     table_q: PairTable,
     table_r: PairTable,
-    labels_q: Tensor,
-    labels_r: Tensor,
-    same_set: bool,
     geometry: Geometry,
+    symmetric: tuple[Tensor, Tensor] | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     compile: bool = False,
 ) -> tuple[Winners, PairWeights]:
     """Best (query pair, reference pair) of every entry (i, j), and its optimal weights.
 
-    Entries of one class get an arbitrary (finite) winner: their value is the
-    base distance, see :class:`~pml_loop.LoOpDistance`.
+    ``symmetric``: for one set (query is reference), the combinations to search
+    (:func:`symmetric_combinations`); the mirrored ones are filled in. Otherwise
+    the full ``K_q x K_r`` grid is searched. Same-class combinations are searched
+    too (their entries keep the base value later): filtering them costs more.
     """
     g = GramBlocks(*(x.detach() for x in g))
     kq, kr = table_q.num_pairs, table_r.num_pairs
     dtype, device = g.qr.dtype, g.qr.device
-    bad = torch.full((kq, kr + 1), float("inf"), dtype=dtype, device=device)  # column kr: padding
-    # Defaults: the first ends (a corner), finite for any geometry.
-    weights = torch.zeros(4, kq, kr + 1, dtype=dtype, device=device)
-    weights[0] = weights[2] = 1
-    k_all, l_all = _combinations(table_q, table_r, labels_q, labels_r, same_set)
-    for start in range(0, len(k_all), chunk_elements):
-        k, l = k_all[start:start + chunk_elements], l_all[start:start + chunk_elements]
-        b, w = search_badness(_pair_quad_gram(g, table_q.ends[k], table_r.ends[l]), geometry, compile)
-        w = torch.stack(tuple(w), 0)
-        bad[k, l] = b
-        weights[:, k, l] = w
-        if same_set:  # the mirrored combination: same value, roles of the pairs swapped
-            bad[l, k] = b
-            weights[:, l, k] = w[[2, 3, 0, 1]]
+    search = maybe_compiled(_search_chunk, compile)
+    total = len(symmetric[0]) if symmetric is not None else kq * kr
+    bads, ws = [], []
+    for start in range(0, total, chunk_elements):
+        stop = min(start + chunk_elements, total)
+        if symmetric is not None:
+            k, l = symmetric[0][start:stop], symmetric[1][start:stop]
+        else:
+            flat = torch.arange(start, stop, device=device)
+            k, l = flat // kr, flat % kr
+        b, w = search(g, table_q.ends[k], table_r.ends[l], geometry)
+        bads.append(b)
+        ws.append(w)
+    bad_c, w_c = torch.cat(bads), torch.cat(ws, 1)
+    if symmetric is None:
+        bad, weights = bad_c.view(kq, kr), w_c.view(4, kq, kr)
+    else:
+        # Fill both (k, l) and (l, k) (roles swapped) in one scatter each; the
+        # diagonal (a pair against itself, same class) gets finite defaults.
+        k, l = symmetric
+        flat = torch.cat((k * kr + l, l * kr + k))
+        bad = torch.full((kq * kr,), float("inf"), dtype=dtype, device=device)
+        bad[flat] = torch.cat((bad_c, bad_c))
+        weights = torch.zeros(4, kq * kr, dtype=dtype, device=device)
+        weights[0::2] = 1  # the first ends, a valid corner
+        weights[:, flat] = torch.cat((w_c, w_c[[2, 3, 0, 1]]), 1)
+        bad, weights = bad.view(kq, kr), weights.view(4, kq, kr)
     # Reduce over the pairs each reference sample owns, then each query sample owns.
     n_r, deg_r = table_r.owned.shape
     rows = max(1, chunk_elements // max(n_r * deg_r, 1))
-    best_val = torch.empty(kq + 1, n_r, dtype=dtype, device=device)
-    best_val[kq] = float("inf")  # padding row of table_q.owned
+    best_val = torch.empty(kq, n_r, dtype=dtype, device=device)
     best_ref = torch.empty(kq, n_r, dtype=torch.long, device=device)
     cols = torch.arange(n_r, device=device)
     for start in range(0, kq, rows):
@@ -127,23 +139,25 @@ def search_winners(
     _, slot = best_val[table_q.owned].min(1)  # (n_q, deg_q, n_r) -> (n_q, n_r)
     query_pair = table_q.owned.gather(1, slot)
     ref_pair = best_ref.gather(0, query_pair)
-    w = weights[:, query_pair, ref_pair]
+    w = weights.view(4, -1)[:, query_pair * kr + ref_pair]
     return Winners(query_pair, ref_pair), PairWeights(*w.unbind(0))
 
 
 def measure_winners(
     g: GramBlocks, table_q: PairTable, table_r: PairTable, winners: Winners,
-    weights: PairWeights, geometry: Geometry,
+    weights: PairWeights, geometry: Geometry, compile: bool = False,
 ) -> Tensor:
-    """``(n_q, n_r)`` measure (squared distance, cosine or dot) with gradient.
-
-    Each winning pair is turned so that entry (i, j)'s own samples come first:
-    then three of the ten inner products are ``diag``/``G_qr`` themselves and
-    only seven need a gather.
-    """
+    """``(n_q, n_r)`` measure (squared distance, cosine or dot) with gradient."""
     ends_q = table_q.ends[winners.query_pair]  # (n_q, n_r, 2)
     ends_r = table_r.ends[winners.ref_pair]
-    n_q, n_r = winners.query_pair.shape
+    return maybe_compiled(_measure, compile)(g, ends_q, ends_r, weights, geometry)
+
+
+def _measure(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, weights: PairWeights, geometry: Geometry) -> Tensor:
+    """Each winning pair is turned so that entry (i, j)'s own samples come first:
+    then three of the ten inner products are ``diag``/``G_qr`` themselves and
+    only seven need a gather."""
+    n_q, n_r = ends_q.shape[:2]
     i = torch.arange(n_q, device=ends_q.device)[:, None]
     j = torch.arange(n_r, device=ends_r.device)[None, :]
     flip_q = ends_q[..., 0] != i

@@ -27,9 +27,10 @@ from .batch_loop import (
     gram_blocks,
     measure_winners,
     search_winners,
+    symmetric_combinations,
 )
 from .functional import Geometry, PairWeights, safe_sqrt
-from .pairs import PARTNERS, Partners, PairTable, positive_pair_table
+from .pairs import PARTNERS, Partners, PairTable, partition_key, positive_pair_table
 
 SUPPORTED = "LpDistance(p=2), CosineSimilarity or DotProductSimilarity"
 
@@ -110,6 +111,7 @@ class LoOpDistance(BaseDistance):
         self._binding: _Binding | None = None
         self._share_depth = 0
         self._shared: _Search | None = None
+        self._structure_cache = None
         # Always kept (cheap): how much LoOp moved the negatives, for record-keeper.
         self.num_negative_entries = 0
         self.avg_base_minus_loop = 0.0
@@ -143,7 +145,7 @@ class LoOpDistance(BaseDistance):
         # Bindings and shared searches hold batch tensors; never persist them.
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
-        state.update(_binding=None, _share_depth=0, _shared=None)
+        state.update(_binding=None, _share_depth=0, _shared=None, _structure_cache=None)
         return state
 
     # -- PML interface -----------------------------------------------------------
@@ -231,7 +233,7 @@ class LoOpDistance(BaseDistance):
             s = self._search(g, q_labels, r_labels, same_set, keys)
             if self._share_depth > 0:
                 self._shared = s
-        measure = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry)
+        measure = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry, self.compile)
         loop = self._to_base_units(measure)
         neg = q_labels[:, None] != r_labels[None, :]
         # The optimum includes the endpoints; min/max with the base value makes
@@ -243,17 +245,34 @@ class LoOpDistance(BaseDistance):
     @torch.no_grad()
     def _search(self, g: GramBlocks, q_labels, r_labels, same_set: bool, keys: tuple) -> _Search:
         g = GramBlocks(*(x.detach() for x in g))
-        far_q = self._farness(g.qq, g.qq.diagonal(), g.qq.diagonal()) if self.partners == "hardest" else None
-        table_q = positive_pair_table(q_labels, self.partners, far_q)
-        if same_set:
-            table_r = table_q
-        else:
-            far_r = self._farness(g.rr, g.rr.diagonal(), g.rr.diagonal()) if self.partners == "hardest" else None
-            table_r = positive_pair_table(r_labels, self.partners, far_r)
+        table_q, table_r, symmetric = self._structure(g, q_labels, r_labels, same_set)
         winners, weights = search_winners(
-            g, table_q, table_r, q_labels, r_labels, same_set, self.geometry, self.chunk_elements, self.compile
+            g, table_q, table_r, self.geometry, symmetric, self.chunk_elements, self.compile
         )
         return _Search(keys, table_q, table_r, winners, weights)
+
+    def _structure(self, g: GramBlocks, q_labels, r_labels, same_set: bool):
+        """Pair tables (and symmetric combinations) of the batch; with
+        ``partners="all"`` they depend only on how positions split into classes,
+        which m-per-class batches repeat, so the last one is reused."""
+        if self.partners == "hardest":
+            far_q = self._farness(g.qq, g.qq.diagonal(), g.qq.diagonal())
+            table_q = positive_pair_table(q_labels, "hardest", far_q)
+            if same_set:
+                return table_q, table_q, symmetric_combinations(table_q.num_pairs, far_q.device)
+            far_r = self._farness(g.rr, g.rr.diagonal(), g.rr.diagonal())
+            return table_q, positive_pair_table(r_labels, "hardest", far_r), None
+        key = (partition_key(q_labels), None if same_set else partition_key(r_labels))
+        cached = self._structure_cache
+        if cached is not None and _same_key(cached[0], key):
+            return cached[1]
+        table_q = positive_pair_table(q_labels)
+        if same_set:
+            structure = (table_q, table_q, symmetric_combinations(table_q.num_pairs, q_labels.device))
+        else:
+            structure = (table_q, positive_pair_table(r_labels), None)
+        self._structure_cache = (key, structure)
+        return structure
 
     def _paired_mat(self, qn: Tensor, rn: Tensor) -> Tensor:
         """NPairs form: row k of ``qn`` and of ``rn`` are the two ends of pair k;
@@ -273,9 +292,17 @@ class LoOpDistance(BaseDistance):
 
     @torch.no_grad()
     def _record(self, base: Tensor, loop: Tensor, neg: Tensor) -> None:
-        gap = (base - loop).abs()[neg]
-        self.num_negative_entries = len(gap)
-        self.avg_base_minus_loop = float(gap.mean()) if len(gap) else 0.0
+        count = int(neg.sum())
+        self.num_negative_entries = count
+        self.avg_base_minus_loop = float(((base - loop).abs() * neg).sum()) / count if count else 0.0
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return all(
+        (x is None and y is None) or (x is not None and y is not None and x.shape == y.shape
+                                      and x.device == y.device and torch.equal(x, y))
+        for x, y in zip(a, b)
+    )
 
 
 def _check_finite(x: Tensor, name: str) -> None:

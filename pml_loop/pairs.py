@@ -4,7 +4,7 @@ Every sample i owns a list of *pairs* (i, p) with p a positive partner of i;
 a sample without partner owns the degenerate pair (i, i), a point, so that a
 batch of singleton classes reduces LoOp to the plain distance. The pairs of a
 set are stored once (``ends``) and each sample lists the pairs it owns
-(``owned``), padded with the sentinel index ``K``.
+(``owned``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ class PairTable(NamedTuple):
     """Positive pairs of one set of ``n`` samples.
 
     ends:  ``(K, 2)`` sample indices of the two ends of each pair.
-    owned: ``(n, deg)`` pair indices owned by each sample, padded with ``K``.
+    owned: ``(n, deg)`` pair indices owned by each sample; short rows repeat
+           their first pair (harmless under a minimum, and always a valid index).
     """
 
     ends: Tensor
@@ -33,16 +34,17 @@ class PairTable(NamedTuple):
 
 
 def _group_by_owner(owner: Tensor, pair_id: Tensor, n: int, num_pairs: int) -> Tensor:
-    """Scatter ``pair_id`` into a padded ``(n, deg)`` table by ``owner`` (vectorised)."""
+    """Scatter ``pair_id`` into a ``(n, deg)`` table by ``owner`` (vectorised); every
+    sample owns at least one pair, which pads its row."""
     order = torch.argsort(owner, stable=True)
     owner, pair_id = owner[order], pair_id[order]
     counts = torch.bincount(owner, minlength=n)
     deg = int(counts.max()) if n else 0
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(owner), device=owner.device) - starts[owner]
-    owned = torch.full((n, max(deg, 1)), num_pairs, dtype=torch.long, device=owner.device)
+    owned = torch.full((n, max(deg, 1)), -1, dtype=torch.long, device=owner.device)
     owned[owner, slot] = pair_id
-    return owned
+    return torch.where(owned < 0, owned[:, :1], owned)
 
 
 def positive_pair_table(
@@ -80,3 +82,12 @@ def positive_pair_table(
     owner = torch.cat((ends[:, 0], ends[~is_point, 1]))
     ids = torch.cat((pair_id, pair_id[~is_point]))
     return PairTable(ends, _group_by_owner(owner, ids, n, k))
+
+
+def partition_key(labels: Tensor) -> Tensor:
+    """``(n,)`` index of the first sample of each sample's class.
+
+    Two label vectors with the same key split positions into the same classes
+    (e.g. consecutive m-per-class batches), so they share their pair table.
+    """
+    return (labels[None, :] == labels[:, None]).to(torch.uint8).argmax(1)

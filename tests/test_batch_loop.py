@@ -85,7 +85,8 @@ def test_pair_table_owns_every_partner_once():
     ends = t.ends.tolist()
     assert sorted(map(tuple, ends)) == [(0, 1), (0, 2), (1, 2), (3, 3), (4, 5)]
     for i, row in enumerate(t.owned.tolist()):
-        owned = [ends[k] for k in row if k < t.num_pairs]
+        assert all(0 <= k < t.num_pairs for k in row)  # padding repeats a real pair
+        owned = [ends[k] for k in set(row)]
         partners = sorted(b if a == i else a for a, b in owned)
         expected = sorted(j for j in range(6) if j != i and labels[j] == labels[i]) or [i]
         assert partners == expected
@@ -102,3 +103,14 @@ def test_never_above_plain_distance_and_symmetric():
         assert torch.allclose(mat, mat.T, atol=1e-5)
     sim = LoOpDistance(CosineSimilarity()).loop_mat(emb, labels)
     assert (sim >= CosineSimilarity()(emb) - 1e-6).all()
+
+
+def test_structure_cache_follows_the_partition_not_the_label_values():
+    emb, labels = _batch(7, sizes=(2, 3, 2))
+    dist = LoOpDistance(LpDistance(normalize_embeddings=False))
+    first = dist.loop_mat(emb, labels)
+    relabelled = torch.tensor([9, 9, 4, 4, 4, 7, 7])  # same partition, other values
+    assert torch.equal(dist.loop_mat(emb, relabelled), first)
+    other = torch.tensor([0, 0, 0, 1, 1, 2, 2])  # another partition: not the cached one
+    fresh = LoOpDistance(LpDistance(normalize_embeddings=False)).loop_mat(emb, other)
+    assert torch.equal(dist.loop_mat(emb, other), fresh)

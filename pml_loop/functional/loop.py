@@ -18,7 +18,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .compiled import maybe_compiled
 from .arcs import arc_angles, arc_cosine, closest_arc_weights
 from .gram import PairWeights, QuadGram, quad_gram
 from .segments import closest_segment_params, segment_squared_distance, segment_weights
@@ -69,18 +68,11 @@ def measure_at(q: QuadGram, w: PairWeights, geometry: Geometry) -> Tensor:
 
 
 @torch.no_grad()
-def _search_badness(q: QuadGram, geometry: Geometry) -> tuple[Tensor, PairWeights]:
+def search_badness(q: QuadGram, geometry: Geometry) -> tuple[Tensor, PairWeights]:
+    """Optimal weights and a value to *minimise* across candidates (no gradient)."""
     w = optimal_weights(q, geometry)
     m = measure_at(q, w, geometry)
     return (m if geometry == "segment" else -m), w
-
-
-def search_badness(q: QuadGram, geometry: Geometry, compile: bool = False) -> tuple[Tensor, PairWeights]:
-    """Optimal weights and a value to *minimise* across candidates (no gradient).
-
-    ``compile=True`` runs a ``torch.compile``'d kernel (see :mod:`.compiled`).
-    """
-    return maybe_compiled(_search_badness, compile)(q, geometry)
 
 
 def _check_inputs(xs: tuple[Tensor, ...], sphere: bool) -> None:
