@@ -146,3 +146,22 @@ def test_input_errors_are_clear():
         loop_distance(x, x, x, x, sphere=True)
     with pytest.raises(TypeError, match="floating"):
         loop_distance(*(torch.ones(2, 2, dtype=torch.long),) * 4, sphere=False)
+
+
+def test_arc_weights_are_normalised_so_gradients_stay_finite():
+    """Projection weights can be ~1e-20 (a point almost orthogonal to an arc's
+    plane); unnormalised, the cosine's gradient overflowed in float32 during a
+    real training run (NaN embeddings after ~1,400 iterations)."""
+    from pml_loop.functional import closest_arc_weights, quad_gram
+    e = torch.eye(4)
+    x1, x2 = e[0:1], e[1:2]
+    x3 = F.normalize(e[2:3] + 1e-20 * e[0:1], dim=1)
+    x4 = F.normalize(e[2:3] + e[3:4] + 1e-20 * e[1:2], dim=1)
+    g = torch.Generator().manual_seed(7)
+    rand = F.normalize(torch.randn(4, 500, 8, generator=g), dim=-1)
+    xs = [torch.cat((a, r)) for a, r in zip((x1, x2, x3, x4), rand)]
+    w = closest_arc_weights(quad_gram(*xs))
+    assert torch.allclose(w.a1 + w.a2, torch.ones(501)) and torch.allclose(w.b1 + w.b2, torch.ones(501))
+    leaves = [x.clone().requires_grad_() for x in xs]
+    loop_distance(*leaves, sphere=True).sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)

@@ -104,7 +104,7 @@ def closest_arc_weights(q: QuadGram) -> PairWeights:
     ok &= (a1.abs() + a2.abs() > 0) & (b1.abs() + b2.abs() > 0)
     interior = torch.where(ok, (mu * inv_a * inv_b).clamp_min(0).sqrt(), none)
 
-    return PairWeights(*select_best(
+    a1, a2, b1, b2 = select_best(
         (g13, g14, g23, g24, e1[2], e2[2], e3[2], e4[2], interior),
         (
             (1.0, 0.0, 1.0, 0.0), (1.0, 0.0, 0.0, 1.0), (0.0, 1.0, 1.0, 0.0), (0.0, 1.0, 0.0, 1.0),
@@ -113,7 +113,12 @@ def closest_arc_weights(q: QuadGram) -> PairWeights:
             (a1.abs(), a2.abs(), b1.abs(), b2.abs()),
         ),
         largest=True,
-    ))
+    )
+    # The weights are defined up to scale; projections can be tiny (1e-20) and
+    # would make the measured cosine's gradient overflow. Make each pair sum to 1.
+    sa = (a1 + a2).clamp_min(torch.finfo(a1.dtype).tiny)
+    sb = (b1 + b2).clamp_min(torch.finfo(b1.dtype).tiny)
+    return PairWeights(a1 / sa, a2 / sa, b1 / sb, b2 / sb)
 
 
 def arc_angles(q: QuadGram, w: PairWeights) -> tuple[Tensor, Tensor]:
