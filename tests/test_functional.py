@@ -158,7 +158,7 @@ def test_arc_weights_are_normalised_so_gradients_stay_finite():
     x3 = F.normalize(e[2:3] + 1e-20 * e[0:1], dim=1)
     x4 = F.normalize(e[2:3] + e[3:4] + 1e-20 * e[1:2], dim=1)
     g = torch.Generator().manual_seed(7)
-    rand = F.normalize(torch.randn(4, 500, 8, generator=g), dim=-1)
+    rand = F.normalize(torch.randn(4, 500, 4, generator=g), dim=-1)
     xs = [torch.cat((a, r)) for a, r in zip((x1, x2, x3, x4), rand)]
     w = closest_arc_weights(quad_gram(*xs))
     assert torch.allclose(w.a1 + w.a2, torch.ones(501)) and torch.allclose(w.b1 + w.b2, torch.ones(501))
