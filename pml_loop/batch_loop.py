@@ -146,20 +146,30 @@ def search_winners(
 def measure_winners(
     g: GramBlocks, table_q: PairTable, table_r: PairTable, winners: Winners,
     weights: PairWeights, geometry: Geometry, compile: bool = False,
+    entries: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """``(n_q, n_r)`` measure (squared distance, cosine or dot) with gradient."""
-    ends_q = table_q.ends[winners.query_pair]  # (n_q, n_r, 2)
+    """Measure (squared distance, cosine or dot) of each entry's winner, with gradient.
+
+    ``entries``: ``(i, j)`` index tensors of the entries to measure (shape
+    ``(M,)`` out); ``None``: every entry (``(n_q, n_r)`` out).
+    """
+    if entries is None:
+        n_q, n_r = winners.query_pair.shape
+        i = torch.arange(n_q, device=g.qr.device)[:, None].expand(n_q, n_r)
+        j = torch.arange(n_r, device=g.qr.device)[None, :].expand(n_q, n_r)
+    else:
+        i, j = entries
+        winners = Winners(*(x[i, j] for x in winners))
+        weights = PairWeights(*(x[i, j] for x in weights))
+    ends_q = table_q.ends[winners.query_pair]  # (..., 2)
     ends_r = table_r.ends[winners.ref_pair]
-    return maybe_compiled(_measure, compile)(g, ends_q, ends_r, weights, geometry)
+    return maybe_compiled(_measure, compile)(g, i, j, ends_q, ends_r, weights, geometry)
 
 
-def _measure(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, weights: PairWeights, geometry: Geometry) -> Tensor:
-    """Each winning pair is turned so that entry (i, j)'s own samples come first:
-    then three of the ten inner products are ``diag``/``G_qr`` themselves and
-    only seven need a gather."""
-    n_q, n_r = ends_q.shape[:2]
-    i = torch.arange(n_q, device=ends_q.device)[:, None]
-    j = torch.arange(n_r, device=ends_r.device)[None, :]
+def _measure(g: GramBlocks, i: Tensor, j: Tensor, ends_q: Tensor, ends_r: Tensor,
+             weights: PairWeights, geometry: Geometry) -> Tensor:
+    """Each winning pair is turned so that entry (i, j)'s own samples come
+    first (x1 = x_i, x3 = x_j); their norms are then the Gram diagonals."""
     flip_q = ends_q[..., 0] != i
     flip_r = ends_r[..., 0] != j
     p = torch.where(flip_q, ends_q[..., 0], ends_q[..., 1])
@@ -171,8 +181,8 @@ def _measure(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, weights: PairWeights
     )
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
     quad = QuadGram(
-        dq[:, None], _take(g.qq, i, p), dq[p],
-        dr[None, :], _take(g.rr, j, q), dr[q],
-        g.qr, _take(g.qr, i, q), _take(g.qr, p, j), _take(g.qr, p, q),
+        dq[i], _take(g.qq, i, p), dq[p],
+        dr[j], _take(g.rr, j, q), dr[q],
+        _take(g.qr, i, j), _take(g.qr, i, q), _take(g.qr, p, j), _take(g.qr, p, q),
     )
     return measure_at(quad, w, geometry)

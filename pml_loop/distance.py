@@ -233,7 +233,17 @@ class LoOpDistance(BaseDistance):
             s = self._search(g, q_labels, r_labels, same_set, keys)
             if self._share_depth > 0:
                 self._shared = s
-        measure = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry, self.compile)
+        if same_set:
+            # The matrix is symmetric: measure the upper triangle, mirror it.
+            n = len(qn)
+            iu, ju = torch.triu_indices(n, n, 1, device=qn.device)
+            upper = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry,
+                                    self.compile, entries=(iu, ju))
+            measure = upper.new_zeros(n * n).index_put(
+                (torch.cat((iu * n + ju, ju * n + iu)),), torch.cat((upper, upper))
+            ).view(n, n)
+        else:
+            measure = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry, self.compile)
         loop = self._to_base_units(measure)
         neg = q_labels[:, None] != r_labels[None, :]
         # The optimum includes the endpoints; min/max with the base value makes

@@ -265,3 +265,17 @@ def test_degenerate_batches_have_finite_gradients():
         emb.grad = None
         LoOpLoss(losses.ContrastiveLoss(distance=d))(emb, labels).backward()
         assert torch.isfinite(emb.grad).all()
+
+
+def test_compiled_search_matches_eager():
+    """compile=True (torch.compile'd kernels, eager fallback) gives the same loss and gradient."""
+    emb, labels = _batch(12, d=8)
+    for distance in (LpDistance(), LpDistance(normalize_embeddings=False)):
+        results = []
+        for compile in (False, True):
+            x = emb.clone().requires_grad_()
+            value = LoOpLoss(losses.ContrastiveLoss(distance=copy.deepcopy(distance)), compile=compile)(x, labels)
+            value.backward()
+            results.append((value.detach(), x.grad))
+        assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+        assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
