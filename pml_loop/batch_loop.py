@@ -72,10 +72,18 @@ def _search_chunk(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geome
     return bad, torch.stack(tuple(w), 0)
 
 
-def symmetric_combinations(num_pairs: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Each unordered combination (k < l) of one set's pairs once: LoOp is symmetric."""
-    k, l = torch.triu_indices(num_pairs, num_pairs, 1, device=device)
-    return k, l
+class Triangle(NamedTuple):
+    """Upper triangle (k < l) of an ``n x n`` matrix and the flat indices of
+    both (k, l) and (l, k), to mirror values computed once."""
+
+    rows: Tensor
+    cols: Tensor
+    mirrored_flat: Tensor
+
+
+def upper_triangle(n: int, device: torch.device) -> Triangle:
+    k, l = torch.triu_indices(n, n, 1, device=device)
+    return Triangle(k, l, torch.cat((k * n + l, l * n + k)))
 
 
 @torch.no_grad()
@@ -84,14 +92,15 @@ def search_winners(
     table_q: PairTable,
     table_r: PairTable,
     geometry: Geometry,
-    symmetric: tuple[Tensor, Tensor] | None = None,
+    symmetric: Triangle | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     compile: bool = False,
 ) -> tuple[Winners, PairWeights]:
     """Best (query pair, reference pair) of every entry (i, j), and its optimal weights.
 
-    ``symmetric``: for one set (query is reference), the combinations to search
-    (:func:`symmetric_combinations`); the mirrored ones are filled in. Otherwise
+    ``symmetric``: for one set (query is reference), the pair combinations to
+    search (:func:`upper_triangle` of the pairs; LoOp is symmetric), the
+    mirrored ones are filled in. Otherwise
     the full ``K_q x K_r`` grid is searched. Same-class combinations are searched
     too (their entries keep the base value later): filtering them costs more.
     """
@@ -99,12 +108,12 @@ def search_winners(
     kq, kr = table_q.num_pairs, table_r.num_pairs
     dtype, device = g.qr.dtype, g.qr.device
     search = maybe_compiled(_search_chunk, compile)
-    total = len(symmetric[0]) if symmetric is not None else kq * kr
+    total = len(symmetric.rows) if symmetric is not None else kq * kr
     bads, ws = [], []
     for start in range(0, total, chunk_elements):
         stop = min(start + chunk_elements, total)
         if symmetric is not None:
-            k, l = symmetric[0][start:stop], symmetric[1][start:stop]
+            k, l = symmetric.rows[start:stop], symmetric.cols[start:stop]
         else:
             flat = torch.arange(start, stop, device=device)
             k, l = flat // kr, flat % kr
@@ -117,8 +126,7 @@ def search_winners(
     else:
         # Fill both (k, l) and (l, k) (roles swapped) in one scatter each; the
         # diagonal (a pair against itself, same class) gets finite defaults.
-        k, l = symmetric
-        flat = torch.cat((k * kr + l, l * kr + k))
+        flat = symmetric.mirrored_flat
         bad = torch.full((kq * kr,), float("inf"), dtype=dtype, device=device)
         bad[flat] = torch.cat((bad_c, bad_c))
         weights = torch.zeros(4, kq * kr, dtype=dtype, device=device)

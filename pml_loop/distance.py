@@ -23,11 +23,12 @@ from torch import Tensor
 from .batch_loop import (
     DEFAULT_CHUNK_ELEMENTS,
     GramBlocks,
+    Triangle,
     Winners,
     gram_blocks,
     measure_winners,
     search_winners,
-    symmetric_combinations,
+    upper_triangle,
 )
 from .functional import Geometry, PairWeights, safe_sqrt
 from .pairs import PARTNERS, Partners, PairTable, partition_key, positive_pair_table
@@ -55,10 +56,20 @@ class _Binding(NamedTuple):
     paired: bool  # NPairs form: row k of query and of ref are one positive pair
 
 
+class _Structure(NamedTuple):
+    """What a batch's partition into classes determines."""
+
+    table_q: PairTable
+    table_r: PairTable
+    pair_triangle: Triangle | None  # one set: pair combinations to search
+    entry_triangle: Triangle | None  # one set: entries to measure
+
+
 class _Search(NamedTuple):
     keys: tuple
     table_q: PairTable
     table_r: PairTable
+    entry_triangle: Triangle | None
     winners: Winners
     weights: PairWeights
 
@@ -236,12 +247,11 @@ class LoOpDistance(BaseDistance):
         if same_set:
             # The matrix is symmetric: measure the upper triangle, mirror it.
             n = len(qn)
-            iu, ju = torch.triu_indices(n, n, 1, device=qn.device)
+            tri = s.entry_triangle
             upper = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry,
-                                    self.compile, entries=(iu, ju))
-            measure = upper.new_zeros(n * n).index_put(
-                (torch.cat((iu * n + ju, ju * n + iu)),), torch.cat((upper, upper))
-            ).view(n, n)
+                                    self.compile, entries=(tri.rows, tri.cols))
+            measure = upper.new_zeros(n * n).index_put((tri.mirrored_flat,), torch.cat((upper, upper)))
+            measure = measure.view(n, n)
         else:
             measure = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry, self.compile)
         loop = self._to_base_units(measure)
@@ -255,32 +265,32 @@ class LoOpDistance(BaseDistance):
     @torch.no_grad()
     def _search(self, g: GramBlocks, q_labels, r_labels, same_set: bool, keys: tuple) -> _Search:
         g = GramBlocks(*(x.detach() for x in g))
-        table_q, table_r, symmetric = self._structure(g, q_labels, r_labels, same_set)
+        st = self._structure(g, q_labels, r_labels, same_set)
         winners, weights = search_winners(
-            g, table_q, table_r, self.geometry, symmetric, self.chunk_elements, self.compile
+            g, st.table_q, st.table_r, self.geometry, st.pair_triangle, self.chunk_elements, self.compile
         )
-        return _Search(keys, table_q, table_r, winners, weights)
+        return _Search(keys, st.table_q, st.table_r, st.entry_triangle, winners, weights)
 
-    def _structure(self, g: GramBlocks, q_labels, r_labels, same_set: bool):
-        """Pair tables (and symmetric combinations) of the batch; with
-        ``partners="all"`` they depend only on how positions split into classes,
-        which m-per-class batches repeat, so the last one is reused."""
+    def _structure(self, g: GramBlocks, q_labels, r_labels, same_set: bool) -> _Structure:
+        """Pair tables (and triangles) of the batch; with ``partners="all"``
+        they depend only on how positions split into classes, which
+        m-per-class batches repeat, so the last one is reused."""
         if self.partners == "hardest":
             far_q = self._farness(g.qq, g.qq.diagonal(), g.qq.diagonal())
             table_q = positive_pair_table(q_labels, "hardest", far_q)
             if same_set:
-                return table_q, table_q, symmetric_combinations(table_q.num_pairs, far_q.device)
+                return _structure_of_one_set(table_q)
             far_r = self._farness(g.rr, g.rr.diagonal(), g.rr.diagonal())
-            return table_q, positive_pair_table(r_labels, "hardest", far_r), None
+            return _Structure(table_q, positive_pair_table(r_labels, "hardest", far_r), None, None)
         key = (partition_key(q_labels), None if same_set else partition_key(r_labels))
         cached = self._structure_cache
         if cached is not None and _same_key(cached[0], key):
             return cached[1]
         table_q = positive_pair_table(q_labels)
         if same_set:
-            structure = (table_q, table_q, symmetric_combinations(table_q.num_pairs, q_labels.device))
+            structure = _structure_of_one_set(table_q)
         else:
-            structure = (table_q, positive_pair_table(r_labels), None)
+            structure = _Structure(table_q, positive_pair_table(r_labels), None, None)
         self._structure_cache = (key, structure)
         return structure
 
@@ -305,6 +315,12 @@ class LoOpDistance(BaseDistance):
         count = int(neg.sum())
         self.num_negative_entries = count
         self.avg_base_minus_loop = float(((base - loop).abs() * neg).sum()) / count if count else 0.0
+
+
+def _structure_of_one_set(table: PairTable) -> _Structure:
+    device = table.ends.device
+    return _Structure(table, table, upper_triangle(table.num_pairs, device),
+                      upper_triangle(table.owned.shape[0], device))
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
