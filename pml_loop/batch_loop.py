@@ -100,54 +100,70 @@ def search_winners(
 
     ``symmetric``: for one set (query is reference), the pair combinations to
     search (:func:`upper_triangle` of the pairs; LoOp is symmetric), the
-    mirrored ones are filled in. Otherwise
-    the full ``K_q x K_r`` grid is searched. Same-class combinations are searched
-    too (their entries keep the base value later): filtering them costs more.
+    mirrored ones are filled in. Otherwise the full ``K_q x K_r`` grid is
+    searched. Same-class combinations are searched too (their entries keep
+    the base value later): filtering them costs more than it saves.
     """
     g = GramBlocks(*(x.detach() for x in g))
     kq, kr = table_q.num_pairs, table_r.num_pairs
-    dtype, device = g.qr.dtype, g.qr.device
-    search = maybe_compiled(_search_chunk, compile)
     total = len(symmetric.rows) if symmetric is not None else kq * kr
-    bads, ws = [], []
-    for start in range(0, total, chunk_elements):
-        stop = min(start + chunk_elements, total)
+    flat = symmetric.mirrored_flat if symmetric is not None else None
+
+    def combinations(start: int, stop: int) -> tuple[Tensor, Tensor]:
         if symmetric is not None:
-            k, l = symmetric.rows[start:stop], symmetric.cols[start:stop]
-        else:
-            flat = torch.arange(start, stop, device=device)
-            k, l = flat // kr, flat % kr
-        b, w = search(g, table_q.ends[k], table_r.ends[l], geometry)
-        bads.append(b)
-        ws.append(w)
-    bad_c, w_c = torch.cat(bads), torch.cat(ws, 1)
-    if symmetric is None:
-        bad, weights = bad_c.view(kq, kr), w_c.view(4, kq, kr)
-    else:
-        # Fill both (k, l) and (l, k) (roles swapped) in one scatter each; the
-        # diagonal (a pair against itself, same class) gets finite defaults.
-        flat = symmetric.mirrored_flat
-        bad = torch.full((kq * kr,), float("inf"), dtype=dtype, device=device)
-        bad[flat] = torch.cat((bad_c, bad_c))
-        weights = torch.zeros(4, kq * kr, dtype=dtype, device=device)
-        weights[0::2] = 1  # the first ends, a valid corner
-        weights[:, flat] = torch.cat((w_c, w_c[[2, 3, 0, 1]]), 1)
-        bad, weights = bad.view(kq, kr), weights.view(4, kq, kr)
-    # Reduce over the pairs each reference sample owns, then each query sample owns.
+            return symmetric.rows[start:stop], symmetric.cols[start:stop]
+        idx = torch.arange(start, stop, device=g.qr.device)
+        return idx // kr, idx % kr
+
+    if total <= chunk_elements and kq * table_r.owned.numel() <= chunk_elements:
+        # The common case in one function, so compile=True fuses all of it.
+        k, l = combinations(0, total)
+        return maybe_compiled(_search_at_once, compile)(g, table_q, table_r, k, l, flat, geometry)
+    chunk = maybe_compiled(_search_chunk, compile)
+    parts = [chunk(g, table_q.ends[k], table_r.ends[l], geometry)
+             for k, l in (combinations(a, min(a + chunk_elements, total))
+                          for a in range(0, total, chunk_elements))]
+    bad, weights = _pair_grid(torch.cat([b for b, _ in parts]), torch.cat([w for _, w in parts], 1), kq, kr, flat)
     n_r, deg_r = table_r.owned.shape
     rows = max(1, chunk_elements // max(n_r * deg_r, 1))
-    best_val = torch.empty(kq, n_r, dtype=dtype, device=device)
-    best_ref = torch.empty(kq, n_r, dtype=torch.long, device=device)
-    cols = torch.arange(n_r, device=device)
-    for start in range(0, kq, rows):
-        stop = min(start + rows, kq)
-        val, slot = bad[start:stop, table_r.owned].min(-1)  # (rows, n_r, deg_r) -> (rows, n_r)
-        best_val[start:stop] = val
-        best_ref[start:stop] = table_r.owned[cols, slot]
-    _, slot = best_val[table_q.owned].min(1)  # (n_q, deg_q, n_r) -> (n_q, n_r)
-    query_pair = table_q.owned.gather(1, slot)
+    best = [_best_ref_pairs(bad[a:a + rows], table_r.owned) for a in range(0, kq, rows)]
+    return _best_entries(torch.cat([v for v, _ in best]), torch.cat([r for _, r in best]), weights, table_q.owned)
+
+
+def _search_at_once(g: GramBlocks, table_q: PairTable, table_r: PairTable, k: Tensor, l: Tensor,
+                    flat: Tensor | None, geometry: Geometry) -> tuple[Winners, PairWeights]:
+    bad, w = _search_chunk(g, table_q.ends[k], table_r.ends[l], geometry)
+    bad, weights = _pair_grid(bad, w, table_q.num_pairs, table_r.num_pairs, flat)
+    return _best_entries(*_best_ref_pairs(bad, table_r.owned), weights, table_q.owned)
+
+
+def _pair_grid(bad: Tensor, w: Tensor, kq: int, kr: int, flat: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Searched combinations -> ``(K_q, K_r)`` badness and ``(4, K_q, K_r)`` weights."""
+    if flat is None:
+        return bad.view(kq, kr), w.view(4, kq, kr)
+    # Fill both (k, l) and (l, k) (roles swapped) in one scatter each; the
+    # diagonal (a pair against itself, same class) gets finite defaults.
+    full = bad.new_full((kq * kr,), float("inf")).index_put((flat,), torch.cat((bad, bad)))
+    weights = bad.new_zeros(4, kq * kr)
+    weights[0::2] = 1  # the first ends, a valid corner
+    weights[:, flat] = torch.cat((w, w[[2, 3, 0, 1]]), 1)
+    return full.view(kq, kr), weights.view(4, kq, kr)
+
+
+def _best_ref_pairs(bad: Tensor, owned_r: Tensor) -> tuple[Tensor, Tensor]:
+    """For rows of query pairs: best value and reference pair over the pairs each
+    reference sample owns, ``(rows, n_r)`` each."""
+    val, slot = bad[:, owned_r].min(-1)  # (rows, n_r, deg_r) -> (rows, n_r)
+    cols = torch.arange(owned_r.shape[0], device=owned_r.device)
+    return val, owned_r[cols, slot]
+
+
+def _best_entries(best_val: Tensor, best_ref: Tensor, weights: Tensor, owned_q: Tensor) -> tuple[Winners, PairWeights]:
+    """Then over the pairs each query sample owns: the winner of each entry."""
+    _, slot = best_val[owned_q].min(1)  # (n_q, deg_q, n_r) -> (n_q, n_r)
+    query_pair = owned_q.gather(1, slot)
     ref_pair = best_ref.gather(0, query_pair)
-    w = weights.view(4, -1)[:, query_pair * kr + ref_pair]
+    w = weights.reshape(4, -1)[:, query_pair * weights.shape[2] + ref_pair]
     return Winners(query_pair, ref_pair), PairWeights(*w.unbind(0))
 
 

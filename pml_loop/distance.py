@@ -14,7 +14,6 @@ from typing import Iterator, NamedTuple
 import torch
 from pytorch_metric_learning.distances import (
     BaseDistance,
-    CosineSimilarity,
     DotProductSimilarity,
     LpDistance,
 )
