@@ -47,22 +47,29 @@ def gram_blocks(query: Tensor, ref: Tensor, same_set: bool) -> GramBlocks:
     return GramBlocks(query @ query.T, ref @ ref.T, qr)
 
 
-def _take(mat: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``mat[rows, cols]`` through a flat index (faster than 2-D advanced indexing)."""
-    return mat.reshape(-1)[rows * mat.shape[1] + cols]
+def quad_gram_of(g: GramBlocks, a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> QuadGram:
+    """QuadGram of quadruples (x_a, x_b | x_c, x_d): a, b index the query set,
+    c, d the reference set, all of one shape.
+
+    One gather per Gram block (a single one for one set) rather than ten:
+    gathers are cheap, their backward scatters are not.
+    """
+    def take(mat: Tensor, rows: tuple, cols: tuple) -> Tensor:
+        flat = torch.stack(rows) * mat.shape[1] + torch.stack(cols)
+        return mat.reshape(-1)[flat]
+
+    if g.qq is g.qr and g.rr is g.qr:
+        return QuadGram(*take(g.qr, (a, a, b, c, c, d, a, a, b, b), (a, b, b, c, d, d, c, d, c, d)).unbind(0))
+    qq = take(g.qq, (a, a, b), (a, b, b)).unbind(0)
+    rr = take(g.rr, (c, c, d), (c, d, d)).unbind(0)
+    qr = take(g.qr, (a, a, b, b), (c, d, c, d)).unbind(0)
+    return QuadGram(*qq, *rr, *qr)
 
 
 def _pair_quad_gram(g: GramBlocks, ends_q: Tensor, ends_r: Tensor) -> QuadGram:
     """QuadGram of pair combinations; ``ends_q``, ``ends_r``: ``(..., 2)`` sample
     indices of the two pairs of each combination (same leading shape)."""
-    a, b = ends_q[..., 0], ends_q[..., 1]
-    c, d = ends_r[..., 0], ends_r[..., 1]
-    dq, dr = g.qq.diagonal(), g.rr.diagonal()
-    return QuadGram(
-        dq[a], _take(g.qq, a, b), dq[b],
-        dr[c], _take(g.rr, c, d), dr[d],
-        _take(g.qr, a, c), _take(g.qr, a, d), _take(g.qr, b, c), _take(g.qr, b, d),
-    )
+    return quad_gram_of(g, ends_q[..., 0], ends_q[..., 1], ends_r[..., 0], ends_r[..., 1])
 
 
 @torch.no_grad()
@@ -177,36 +184,14 @@ def measure_winners(
     ``entries``: ``(i, j)`` index tensors of the entries to measure (shape
     ``(M,)`` out); ``None``: every entry (``(n_q, n_r)`` out).
     """
-    if entries is None:
-        n_q, n_r = winners.query_pair.shape
-        i = torch.arange(n_q, device=g.qr.device)[:, None].expand(n_q, n_r)
-        j = torch.arange(n_r, device=g.qr.device)[None, :].expand(n_q, n_r)
-    else:
+    if entries is not None:
         i, j = entries
         winners = Winners(*(x[i, j] for x in winners))
         weights = PairWeights(*(x[i, j] for x in weights))
     ends_q = table_q.ends[winners.query_pair]  # (..., 2)
     ends_r = table_r.ends[winners.ref_pair]
-    return maybe_compiled(_measure, compile)(g, i, j, ends_q, ends_r, weights, geometry)
+    return maybe_compiled(_measure, compile)(g, ends_q, ends_r, weights, geometry)
 
 
-def _measure(g: GramBlocks, i: Tensor, j: Tensor, ends_q: Tensor, ends_r: Tensor,
-             weights: PairWeights, geometry: Geometry) -> Tensor:
-    """Each winning pair is turned so that entry (i, j)'s own samples come
-    first (x1 = x_i, x3 = x_j); their norms are then the Gram diagonals."""
-    flip_q = ends_q[..., 0] != i
-    flip_r = ends_r[..., 0] != j
-    p = torch.where(flip_q, ends_q[..., 0], ends_q[..., 1])
-    q = torch.where(flip_r, ends_r[..., 0], ends_r[..., 1])
-    a1, a2, b1, b2 = weights
-    w = PairWeights(
-        torch.where(flip_q, a2, a1), torch.where(flip_q, a1, a2),
-        torch.where(flip_r, b2, b1), torch.where(flip_r, b1, b2),
-    )
-    dq, dr = g.qq.diagonal(), g.rr.diagonal()
-    quad = QuadGram(
-        dq[i], _take(g.qq, i, p), dq[p],
-        dr[j], _take(g.rr, j, q), dr[q],
-        _take(g.qr, i, j), _take(g.qr, i, q), _take(g.qr, p, j), _take(g.qr, p, q),
-    )
-    return measure_at(quad, w, geometry)
+def _measure(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, weights: PairWeights, geometry: Geometry) -> Tensor:
+    return measure_at(_pair_quad_gram(g, ends_q, ends_r), weights, geometry)
