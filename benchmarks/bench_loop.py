@@ -48,14 +48,18 @@ def naive_loop_matrix(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(~same, loop, out)
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_times(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, calls interleaved round by round so
+    that drifting machine load hits every variant alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def speed(repeats: int) -> dict:
@@ -80,11 +84,10 @@ def speed(repeats: int) -> dict:
         mat = wrapped.loop_distance.loop_mat(emb, labels)
         ref = naive_loop_matrix(emb, labels)
         agree = float((mat - ref).abs().max())
-    t_plain = median_time(run(plain), repeats)
-    t_loop = median_time(run(wrapped), repeats)
     compiled(emb, labels)  # compile outside the timing (once per process)
-    t_compiled = median_time(run(compiled), repeats)
-    t_naive = median_time(naive, max(3, repeats // 10))
+    t = median_times({"plain": run(plain), "loop": run(wrapped), "compiled": run(compiled)}, repeats)
+    t_plain, t_loop, t_compiled = t["plain"], t["loop"], t["compiled"]
+    t_naive = median_times({"naive": naive}, max(3, repeats // 10))["naive"]
     return dict(plain_ms=1e3 * t_plain, loop_ms=1e3 * t_loop, compiled_ms=1e3 * t_compiled,
                 naive_ms=1e3 * t_naive, loop_over_plain=t_loop / t_plain,
                 compiled_over_plain=t_compiled / t_plain, naive_over_loop=t_naive / t_loop,

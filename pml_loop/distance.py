@@ -122,9 +122,10 @@ class LoOpDistance(BaseDistance):
         self._share_depth = 0
         self._shared: _Search | None = None
         self._structure_cache = None
-        # Always kept (cheap): how much LoOp moved the negatives, for record-keeper.
-        self.num_negative_entries = 0
-        self.avg_base_minus_loop = 0.0
+        # How much LoOp moved the negatives, for record-keeper; kept as tensors
+        # so that training does not wait for them (read as numbers on demand).
+        self._neg_count = torch.zeros(())
+        self._gap_sum = torch.zeros(())
         self.add_to_recordable_attributes(
             list_of_names=["num_negative_entries", "avg_base_minus_loop"], is_stat=False
         )
@@ -170,9 +171,6 @@ class LoOpDistance(BaseDistance):
         same_set = ref_emb is None or ref_emb is query_emb
         ref = query_emb if ref_emb is None else ref_emb
         q_labels, r_labels = self._labels_for(query_emb, ref, same_set)
-        _check_finite(query_emb, "query embeddings")
-        if not same_set:
-            _check_finite(ref, "reference embeddings")
         qn = self.maybe_normalize(query_emb)
         rn = qn if same_set else self.maybe_normalize(ref)
         self.set_default_stats(query_emb, ref, qn, rn)
@@ -238,6 +236,10 @@ class LoOpDistance(BaseDistance):
     def _loop_mat(self, qn, rn, q_labels, r_labels, same_set: bool, keys: tuple) -> Tensor:
         base = self.base.compute_mat(qn, rn)
         g = gram_blocks(qn, rn, same_set)
+        # A NaN or inf in a row shows in its squared norm: n checks, not n x d.
+        _check_finite(g.qq.diagonal(), "query embeddings")
+        if not same_set:
+            _check_finite(g.rr.diagonal(), "reference embeddings")
         s = self._shared
         if s is None or len(s.keys) != len(keys) or any(a is not b for a, b in zip(s.keys, keys)):
             s = self._search(g, q_labels, r_labels, same_set, keys)
@@ -249,7 +251,7 @@ class LoOpDistance(BaseDistance):
             tri = s.entry_triangle
             upper = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry,
                                     self.compile, entries=(tri.rows, tri.cols))
-            measure = upper.new_zeros(n * n).index_put((tri.mirrored_flat,), torch.cat((upper, upper)))
+            measure = upper.new_zeros(n * n).scatter(0, tri.mirrored_flat, torch.cat((upper, upper)))
             measure = measure.view(n, n)
         else:
             measure = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry, self.compile)
@@ -311,9 +313,19 @@ class LoOpDistance(BaseDistance):
 
     @torch.no_grad()
     def _record(self, base: Tensor, loop: Tensor, neg: Tensor) -> None:
-        count = int(neg.sum())
-        self.num_negative_entries = count
-        self.avg_base_minus_loop = float(((base - loop).abs() * neg).sum()) / count if count else 0.0
+        self._neg_count = neg.sum()
+        self._gap_sum = ((base - loop).abs() * neg).sum()
+
+    @property
+    def num_negative_entries(self) -> int:
+        """Negative entries replaced in the last matrix."""
+        return int(self._neg_count)
+
+    @property
+    def avg_base_minus_loop(self) -> float:
+        """Mean |plain - LoOp| over those entries."""
+        count = self.num_negative_entries
+        return float(self._gap_sum) / count if count else 0.0
 
 
 def _structure_of_one_set(table: PairTable) -> _Structure:
@@ -330,6 +342,6 @@ def _same_key(a: tuple, b: tuple) -> bool:
     )
 
 
-def _check_finite(x: Tensor, name: str) -> None:
-    if not torch.isfinite(x).all():
-        raise ValueError(f"LoOp got NaN or infinite values in the {name}")
+def _check_finite(norms: Tensor, name: str) -> None:
+    if not torch.isfinite(norms).all():
+        raise ValueError(f"LoOp got NaN or infinite values in the {name} (or norms that overflow)")

@@ -65,24 +65,24 @@ def closest_arc_weights(q: QuadGram) -> PairWeights:
     det_a = 1 - g12 * g12  # sin^2 of each arc's angle
     det_b = 1 - g34 * g34
     # Below this, treat the arc as its two endpoints (see module docstring).
-    round_a, round_b = det_a > 1e3 * eps, det_b > 1e3 * eps
-    inv_a = torch.where(round_a, 1 / torch.where(round_a, det_a, 1.0), 0.0)
-    inv_b = torch.where(round_b, 1 / torch.where(round_b, det_b, 1.0), 0.0)
-    none = torch.tensor(-2.0, dtype=g12.dtype, device=g12.device)  # below any cosine
+    flat_a, flat_b = det_a <= 1e3 * eps, det_b <= 1e3 * eps
+    inv_a = det_a.masked_fill(flat_a, float("inf")).reciprocal()  # 0 on flat arcs
+    inv_b = det_b.masked_fill(flat_b, float("inf")).reciprocal()
+    none = -2.0  # below any cosine: marks an infeasible candidate
 
-    def projection(y1: Tensor, y2: Tensor, c: Tensor, inv_det: Tensor, round_: Tensor):
+    def projection(y1: Tensor, y2: Tensor, c: Tensor, inv_det: Tensor, flat: Tensor):
         # Weights adj (y.e1, y.e2) of the projection of unit y onto the arc's
         # plane, and its cosine with y: sqrt(y^T adj y / det).
         w1, w2 = y1 - c * y2, y2 - c * y1
-        ok = round_ & (w1 >= 0) & (w2 >= 0) & (w1 + w2 > 0)
+        off = flat | (torch.minimum(w1, w2) < 0) | (w1 + w2 <= 0)
         cos = ((y1 * w1 + y2 * w2) * inv_det).clamp_min(0).sqrt()
-        return w1, w2, torch.where(ok, cos, none)
+        return w1, w2, cos.masked_fill_(off, none)
 
     # Edges: x1 or x2 against arc B; x3 or x4 against arc A.
-    e1 = projection(g13, g14, g34, inv_b, round_b)
-    e2 = projection(g23, g24, g34, inv_b, round_b)
-    e3 = projection(g13, g23, g12, inv_a, round_a)
-    e4 = projection(g14, g24, g12, inv_a, round_a)
+    e1 = projection(g13, g14, g34, inv_b, flat_b)
+    e2 = projection(g23, g24, g34, inv_b, flat_b)
+    e3 = projection(g13, g23, g12, inv_a, flat_a)
+    e4 = projection(g14, g24, g12, inv_a, flat_a)
     # Interior: top eigenvector of K = adj(A) C adj(B) C^T = P R.
     p11, p12 = g13 - g12 * g23, g14 - g12 * g24
     p21, p22 = g23 - g12 * g13, g24 - g12 * g14
@@ -100,9 +100,8 @@ def closest_arc_weights(q: QuadGram) -> PairWeights:
     # (l, adj(B) C^T l) has p.q >= 0, so only a common sign flip is allowed.
     lo = torch.minimum(torch.minimum(a1, a2), torch.minimum(b1, b2))
     hi = torch.maximum(torch.maximum(a1, a2), torch.maximum(b1, b2))
-    ok = round_a & round_b & ((lo >= 0) | (hi <= 0))
-    ok &= (a1.abs() + a2.abs() > 0) & (b1.abs() + b2.abs() > 0)
-    interior = torch.where(ok, (mu * inv_a * inv_b).clamp_min(0).sqrt(), none)
+    off = flat_a | flat_b | ((lo < 0) & (hi > 0)) | (a1.abs() + a2.abs() == 0) | (b1.abs() + b2.abs() == 0)
+    interior = (mu * inv_a * inv_b).clamp_min(0).sqrt().masked_fill_(off, none)
 
     a1, a2, b1, b2 = select_best(
         (g13, g14, g23, g24, e1[2], e2[2], e3[2], e4[2], interior),
