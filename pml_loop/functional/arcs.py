@@ -55,10 +55,18 @@ def arc_squared_chord(q: QuadGram, w: PairWeights) -> Tensor:
 def closest_arc_weights(q: QuadGram) -> PairWeights:
     """Conic weights of the closest points of the two arcs (largest p.q).
 
-    Candidates are ranked by closed-form cosines that take the inputs as unit
-    vectors (9 values, no per-candidate normalisation); the returned weights
-    are valid for any inputs and are measured exactly by :func:`arc_cosine`.
     Shapes: every field of the result has the broadcast shape of ``q``.
+    """
+    return closest_arc(q)[1]
+
+
+@torch.no_grad()
+def closest_arc(q: QuadGram) -> tuple[Tensor, PairWeights]:
+    """Largest cosine between the two arcs, and the weights of its points.
+
+    Candidates are ranked by closed-form cosines that take the inputs as unit
+    vectors (9 values, no per-candidate normalisation); the weights are valid
+    for any inputs and are measured exactly by :func:`arc_cosine`.
     """
     g12, g34, g13, g14, g23, g24 = torch.broadcast_tensors(q.g12, q.g34, q.g13, q.g14, q.g23, q.g24)
     eps = torch.finfo(g12.dtype).eps
@@ -103,7 +111,7 @@ def closest_arc_weights(q: QuadGram) -> PairWeights:
     off = flat_a | flat_b | ((lo < 0) & (hi > 0)) | (a1.abs() + a2.abs() == 0) | (b1.abs() + b2.abs() == 0)
     interior = (mu * inv_a * inv_b).clamp_min(0).sqrt().masked_fill_(off, none)
 
-    a1, a2, b1, b2 = select_best(
+    cos, (a1, a2, b1, b2) = select_best(
         (g13, g14, g23, g24, e1[2], e2[2], e3[2], e4[2], interior),
         (
             (1.0, 0.0, 1.0, 0.0), (1.0, 0.0, 0.0, 1.0), (0.0, 1.0, 1.0, 0.0), (0.0, 1.0, 0.0, 1.0),
@@ -117,7 +125,7 @@ def closest_arc_weights(q: QuadGram) -> PairWeights:
     # would make the measured cosine's gradient overflow. Make each pair sum to 1.
     sa = (a1 + a2).clamp_min(torch.finfo(a1.dtype).tiny)
     sb = (b1 + b2).clamp_min(torch.finfo(b1.dtype).tiny)
-    return PairWeights(a1 / sa, a2 / sa, b1 / sb, b2 / sb)
+    return cos, PairWeights(a1 / sa, a2 / sa, b1 / sb, b2 / sb)
 
 
 def arc_angles(q: QuadGram, w: PairWeights) -> tuple[Tensor, Tensor]:

@@ -61,8 +61,8 @@ def quad_gram(x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> QuadGram:
     )
 
 
-def select_best(values, payloads, largest: bool):
-    """Per element, the payload of the best candidate (the first one on ties).
+def select_best(values, payloads, largest: bool) -> tuple[Tensor, list[Tensor]]:
+    """Per element, the best candidate value and its payload (the first on ties).
 
     ``values``: candidate tensors of one shape; ``payloads``: per candidate a
     tuple of tensors or Python floats. A running comparison with float masks
@@ -78,4 +78,4 @@ def select_best(values, payloads, largest: bool):
         compare(value, best, out=better)  # 1.0 where this candidate wins
         best = keep(best, value)
         out = [torch.lerp(y, as_tensor(x), better) for x, y in zip(payload, out)]
-    return out
+    return best, out

@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .arcs import arc_angles, arc_cosine, closest_arc_weights
+from .arcs import arc_angles, arc_cosine, closest_arc, closest_arc_weights
 from .gram import PairWeights, QuadGram, quad_gram
-from .segments import closest_segment_params, segment_squared_distance, segment_weights
+from .segments import closest_segment, closest_segment_params, segment_squared_distance, segment_weights
 
 Geometry = Literal["segment", "arc", "dot"]
 GEOMETRIES = ("segment", "arc", "dot")
@@ -69,10 +69,16 @@ def measure_at(q: QuadGram, w: PairWeights, geometry: Geometry) -> Tensor:
 
 @torch.no_grad()
 def search_badness(q: QuadGram, geometry: Geometry) -> tuple[Tensor, PairWeights]:
-    """Optimal weights and a value to *minimise* across candidates (no gradient)."""
+    """Optimal weights, and a value to *minimise* across pair combinations (the
+    searches' own closed-form optimum; measured exactly later). No gradient."""
+    if geometry == "segment":
+        sq, st = closest_segment(q)
+        return sq, segment_weights(*st)
+    if geometry == "arc":
+        cos, w = closest_arc(q)
+        return -cos, w
     w = optimal_weights(q, geometry)
-    m = measure_at(q, w, geometry)
-    return (m if geometry == "segment" else -m), w
+    return -measure_at(q, w, geometry), w
 
 
 def _check_inputs(xs: tuple[Tensor, ...], sphere: bool) -> None:

@@ -38,6 +38,13 @@ def _safe_ratio(num: Tensor, den: Tensor, tiny: Tensor) -> Tensor:
 @torch.no_grad()
 def closest_segment_params(q: QuadGram) -> tuple[Tensor, Tensor]:
     """Optimal (s, t) in [0, 1]^2 for every quadruple; shapes broadcast of ``q``."""
+    return closest_segment(q)[1]
+
+
+@torch.no_grad()
+def closest_segment(q: QuadGram) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Smallest squared distance between the segments (from the quadratic's
+    coefficients, clamped at 0), and its (s, t)."""
     a, b, c, d, e, f = segment_coefficients(q)
     eps = torch.finfo(a.dtype).eps
     scale = (q.g11 + q.g22 + q.g33 + q.g44).abs() + 1  # degeneracy is relative
@@ -71,7 +78,8 @@ def closest_segment_params(q: QuadGram) -> tuple[Tensor, Tensor]:
         return a * s * s + c * t * t - 2 * b * s * t + 2 * d * s - 2 * e * t
 
     cands = list(zip(s_cands, t_cands))
-    return tuple(select_best([value(s, t) for s, t in cands], cands, largest=False))
+    best, (s, t) = select_best([value(s, t) for s, t in cands], cands, largest=False)
+    return (best + f).clamp_min(0), (s, t)
 
 
 def segment_weights(s: Tensor, t: Tensor) -> PairWeights:
