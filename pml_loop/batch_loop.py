@@ -19,8 +19,7 @@ from .functional.compiled import maybe_compiled
 from .pairs import PairTable
 
 #: Pair combinations searched at once. The arc search keeps about 60
-#: temporaries, 9-candidate stacks included, so 2**18 combinations stay near
-#: 100 MB in float32.
+#: temporaries of that length, so 2**18 combinations stay near 100 MB in float32.
 DEFAULT_CHUNK_ELEMENTS = 2**18
 
 
