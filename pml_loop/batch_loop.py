@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .functional import Geometry, PairWeights, QuadGram, measure_at, search_badness
 from .functional.compiled import maybe_compiled
+from .functional.native import can_use_native, native_search_entries
 from .pairs import PairTable
 
 #: Pair combinations searched at once. The arc search keeps about 60
@@ -122,6 +123,13 @@ def search_winners(
         idx = torch.arange(start, stop, device=g.qr.device)
         return idx // kr, idx % kr
 
+    native = not compile and can_use_native(g.qr, geometry)
+    if native:  # one C++ pass: search, grid and both reductions
+        k, l = combinations(0, total)
+        qp, rp, w = native_search_entries(g.qq, g.rr, g.qr, table_q.ends,
+                                          table_r.ends, k, l, symmetric is not None,
+                                          table_q.owned, table_r.owned, geometry)
+        return Winners(qp, rp), PairWeights(*w.unbind(0))
     if total <= chunk_elements and kq * table_r.owned.numel() <= chunk_elements:
         # The common case in one function, so compile=True fuses all of it.
         k, l = combinations(0, total)
@@ -185,9 +193,11 @@ def measure_winners(
     ``(M,)`` out); ``None``: every entry (``(n_q, n_r)`` out).
     """
     if entries is not None:
+        # Two flat index_selects rather than six 2-D gathers.
         i, j = entries
-        winners = Winners(*(x[i, j] for x in winners))
-        weights = PairWeights(*(x[i, j] for x in weights))
+        flat = i * winners.query_pair.shape[1] + j
+        winners = Winners(*torch.stack(tuple(winners)).flatten(1).index_select(1, flat))
+        weights = PairWeights(*torch.stack(tuple(weights)).flatten(1).index_select(1, flat))
     ends_q = table_q.ends[winners.query_pair]  # (..., 2)
     ends_r = table_r.ends[winners.ref_pair]
     return maybe_compiled(_measure, compile)(g, ends_q, ends_r, weights, geometry)

@@ -124,8 +124,7 @@ class LoOpDistance(BaseDistance):
         self._structure_cache = None
         # How much LoOp moved the negatives, for record-keeper; kept as tensors
         # so that training does not wait for them (read as numbers on demand).
-        self._neg_count = torch.zeros(())
-        self._gap_sum = torch.zeros(())
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None  # base, LoOp, negative mask
         self.add_to_recordable_attributes(
             list_of_names=["num_negative_entries", "avg_base_minus_loop"], is_stat=False
         )
@@ -156,7 +155,7 @@ class LoOpDistance(BaseDistance):
         # Bindings and shared searches hold batch tensors; never persist them.
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
-        state.update(_binding=None, _share_depth=0, _shared=None, _structure_cache=None)
+        state.update(_binding=None, _share_depth=0, _shared=None, _structure_cache=None, _last=None)
         return state
 
     # -- PML interface -----------------------------------------------------------
@@ -311,21 +310,21 @@ class LoOpDistance(BaseDistance):
             return safe_sqrt((2 - 2 * measure).clamp_min(0))  # chord
         return measure  # cosine or dot product: already a similarity
 
-    @torch.no_grad()
     def _record(self, base: Tensor, loop: Tensor, neg: Tensor) -> None:
-        self._neg_count = neg.sum()
-        self._gap_sum = ((base - loop).abs() * neg).sum()
+        self._last = (base.detach(), loop.detach(), neg)
 
     @property
     def num_negative_entries(self) -> int:
         """Negative entries replaced in the last matrix."""
-        return int(self._neg_count)
+        return 0 if self._last is None else int(self._last[2].sum())
 
     @property
     def avg_base_minus_loop(self) -> float:
         """Mean |plain - LoOp| over those entries."""
-        count = self.num_negative_entries
-        return float(self._gap_sum) / count if count else 0.0
+        if self._last is None or not self._last[2].any():
+            return 0.0
+        base, loop, neg = self._last
+        return float((base - loop).abs()[neg].mean())
 
 
 def _structure_of_one_set(table: PairTable) -> _Structure:

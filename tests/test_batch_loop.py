@@ -114,3 +114,37 @@ def test_structure_cache_follows_the_partition_not_the_label_values():
     other = torch.tensor([0, 0, 0, 1, 1, 2, 2])  # another partition: not the cached one
     fresh = LoOpDistance(LpDistance(normalize_embeddings=False)).loop_mat(emb, other)
     assert torch.equal(dist.loop_mat(emb, other), fresh)
+
+
+@pytest.mark.parametrize("geometry", ["arc", "segment"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_search_matches_the_pytorch_search(geometry, dtype):
+    """The C++ loop (CPU default) and the PyTorch operations are one algorithm."""
+    from pml_loop.batch_loop import GramBlocks, _search_chunk
+    from pml_loop.functional.native import native_search, native_search_available
+    if not native_search_available():
+        pytest.skip("C++ search could not be built here (PyTorch path in use)")
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(40, 6, generator=g, dtype=dtype)
+    x[1] = x[0]
+    x[3] = -x[2]
+    x[5] = x[4] + 0.3 * (x[1] - x[0])
+    if geometry == "arc":
+        x = F.normalize(x, dim=1)
+    gram = x @ x.T
+    blocks = GramBlocks(gram, gram, gram)
+    ends_q = torch.randint(0, 40, (3000, 2), generator=g)
+    ends_r = torch.randint(0, 40, (3000, 2), generator=g)
+    ends_q[:10] = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 1], [2, 3], [0, 0], [3, 2], [5, 4], [0, 1], [2, 3]])
+    ends_r[:10] = torch.tensor([[2, 3], [0, 1], [0, 1], [2, 3], [2, 3], [0, 0], [4, 5], [1, 0], [0, 1], [3, 2]])
+    bad_t, w_t = _search_chunk(blocks, ends_q, ends_r, geometry)
+    bad_n, w_n = native_search(gram, gram, gram, ends_q[:, 0], ends_q[:, 1], ends_r[:, 0], ends_r[:, 1], geometry)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(bad_t, bad_n, atol=tol)
+    # Weights may differ only where two candidates tie; their values may not.
+    from pml_loop.functional import PairWeights, measure_at
+    from pml_loop.batch_loop import quad_gram_of
+    q = quad_gram_of(blocks, ends_q[:, 0], ends_q[:, 1], ends_r[:, 0], ends_r[:, 1])
+    m_t = measure_at(q, PairWeights(*w_t), geometry)
+    m_n = measure_at(q, PairWeights(*w_n.unbind(0)), geometry)
+    assert torch.allclose(m_t, m_n, atol=10 * tol)
