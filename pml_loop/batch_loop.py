@@ -123,8 +123,7 @@ def search_winners(
         idx = torch.arange(start, stop, device=g.qr.device)
         return idx // kr, idx % kr
 
-    native = not compile and can_use_native(g.qr, geometry)
-    if native:  # one C++ pass: search, grid and both reductions
+    if can_use_native(g.qr, geometry):  # one C++ pass: search, grid and both reductions
         k, l = combinations(0, total)
         qp, rp, w = native_search_entries(g.qq, g.rr, g.qr, table_q.ends,
                                           table_r.ends, k, l, symmetric is not None,

@@ -148,3 +148,22 @@ def test_native_search_matches_the_pytorch_search(geometry, dtype):
     m_t = measure_at(q, PairWeights(*w_t), geometry)
     m_n = measure_at(q, PairWeights(*w_n.unbind(0)), geometry)
     assert torch.allclose(m_t, m_n, atol=10 * tol)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_pytorch_search_path_matches_the_native_one(normalize, monkeypatch):
+    """Where the C++ search cannot be built (or off the CPU), the PyTorch
+    operations give the same matrices; this runs them on CPU on purpose."""
+    import pml_loop.batch_loop as batch_loop
+    emb, labels = _batch(9, sizes=(4, 3, 1, 2, 4))
+    ref, ref_labels = _batch(10, sizes=(2, 2, 3, 1))
+    cases = [
+        dict(partners="all"), dict(partners="hardest"), dict(partners="all", chunk_elements=5),
+    ]
+    for kwargs in cases:
+        for args in ((emb, labels), (emb, labels, ref, ref_labels)):
+            default = LoOpDistance(LpDistance(normalize_embeddings=normalize), **kwargs).loop_mat(*args)
+            with monkeypatch.context() as m:
+                m.setattr(batch_loop, "can_use_native", lambda *a: False)
+                torch_ops = LoOpDistance(LpDistance(normalize_embeddings=normalize), **kwargs).loop_mat(*args)
+            assert torch.allclose(default, torch_ops, atol=1e-10)

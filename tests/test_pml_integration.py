@@ -267,8 +267,11 @@ def test_degenerate_batches_have_finite_gradients():
         assert torch.isfinite(emb.grad).all()
 
 
-def test_compiled_search_matches_eager():
-    """compile=True (torch.compile'd kernels, eager fallback) gives the same loss and gradient."""
+def test_compiled_search_matches_eager(monkeypatch):
+    """compile=True (torch.compile'd kernels, eager fallback) gives the same loss and gradient.
+    The C++ search is switched off so that the compiled PyTorch search runs."""
+    import pml_loop.batch_loop as batch_loop
+    monkeypatch.setattr(batch_loop, "can_use_native", lambda *a: False)
     emb, labels = _batch(12, d=8)
     for distance in (LpDistance(), LpDistance(normalize_embeddings=False)):
         results = []

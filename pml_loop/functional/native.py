@@ -114,9 +114,9 @@ std::vector<torch::Tensor> search(torch::Tensor qq, torch::Tensor rr, torch::Ten
     const int64_t *A = a.data_ptr<int64_t>(), *B = b.data_ptr<int64_t>();
     const int64_t *C = c.data_ptr<int64_t>(), *D = d.data_ptr<int64_t>();
     scalar_t *out = bad.data_ptr<scalar_t>(), *W = w.data_ptr<scalar_t>();
-    at::parallel_for(0, m, 4096, [&](int64_t lo, int64_t hi) {
+    {
       scalar_t wk[4];
-      for (int64_t k = lo; k < hi; ++k) {
+      for (int64_t k = 0; k < m; ++k) {
         const int64_t i = A[k], p = B[k], j = C[k], q = D[k];
         if (arc) {
           arc_one<scalar_t>(Q[i * nq + p], R[j * nr + q], X[i * nr + j], X[i * nr + q],
@@ -128,7 +128,7 @@ std::vector<torch::Tensor> search(torch::Tensor qq, torch::Tensor rr, torch::Ten
         }
         for (int r = 0; r < 4; ++r) W[r * m + k] = wk[r];
       }
-    });
+    }
   });
   return {bad, w};
 }
@@ -152,45 +152,52 @@ std::vector<torch::Tensor> search_entries(torch::Tensor qq, torch::Tensor rr, to
   auto wout = torch::empty({4, nq, nr}, qr.options());
   AT_DISPATCH_FLOATING_TYPES(qr.scalar_type(), "loop_entries", [&] {
     const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
-    std::vector<scalar_t> bad(kq * kr, inf), w(4 * kq * kr, scalar_t(0));
-    for (int64_t x = 0; x < kq * kr; ++x) { w[x] = 1; w[2 * kq * kr + x] = 1; }  // a valid corner
+    // Dense (K_q, K_r) grid of values and of the combination that gave each,
+    // negative (-c - 1) for a mirrored one (its weights swap sides).
+    std::vector<scalar_t> bad(kq * kr, inf);
+    const int64_t unset = std::numeric_limits<int64_t>::min();
+    std::vector<int64_t> from(kq * kr, unset);
     const scalar_t *B = res[0].data_ptr<scalar_t>(), *W = res[1].data_ptr<scalar_t>();
     const int64_t *K = k.data_ptr<int64_t>(), *L = l.data_ptr<int64_t>();
-    const int64_t g = kq * kr;
     for (int64_t c = 0; c < m; ++c) {
       const int64_t at = K[c] * kr + L[c];
       bad[at] = B[c];
-      for (int r = 0; r < 4; ++r) w[r * g + at] = W[r * m + c];
+      from[at] = c;
       if (mirror) {
         const int64_t ta = L[c] * kr + K[c];
         bad[ta] = B[c];
-        w[ta] = W[2 * m + c]; w[g + ta] = W[3 * m + c];
-        w[2 * g + ta] = W[c]; w[3 * g + ta] = W[m + c];
+        from[ta] = -c - 1;
       }
     }
     const int64_t *OQ = owned_q.data_ptr<int64_t>(), *OR = owned_r.data_ptr<int64_t>();
     int64_t *QP = query_pair.data_ptr<int64_t>(), *RP = ref_pair.data_ptr<int64_t>();
     scalar_t *WO = wout.data_ptr<scalar_t>();
     const int64_t ne = nq * nr;
-    at::parallel_for(0, nq, 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        for (int64_t j = 0; j < nr; ++j) {
-          scalar_t best = inf;
-          int64_t bk = OQ[i * dq], bl = OR[j * dr];
-          for (int64_t a = 0; a < dq; ++a) {
-            const int64_t kk = OQ[i * dq + a];
-            for (int64_t b = 0; b < dr; ++b) {
-              const int64_t ll = OR[j * dr + b];
-              const scalar_t v = bad[kk * kr + ll];
-              if (v < best) { best = v; bk = kk; bl = ll; }
-            }
+    for (int64_t i = 0; i < nq; ++i) {
+      for (int64_t j = 0; j < nr; ++j) {
+        scalar_t best = inf;
+        int64_t bk = OQ[i * dq], bl = OR[j * dr];
+        for (int64_t a = 0; a < dq; ++a) {
+          const int64_t kk = OQ[i * dq + a];
+          for (int64_t b = 0; b < dr; ++b) {
+            const int64_t ll = OR[j * dr + b];
+            const scalar_t v = bad[kk * kr + ll];
+            if (v < best) { best = v; bk = kk; bl = ll; }
           }
-          const int64_t e = i * nr + j, at = bk * kr + bl;
-          QP[e] = bk; RP[e] = bl;
-          for (int r = 0; r < 4; ++r) WO[r * ne + e] = w[r * g + at];
+        }
+        const int64_t e = i * nr + j, src = from[bk * kr + bl];
+        QP[e] = bk; RP[e] = bl;
+        if (src == unset) {  // same-class entry, never searched: a valid corner
+          WO[e] = 1; WO[ne + e] = 0; WO[2 * ne + e] = 1; WO[3 * ne + e] = 0;
+        } else if (src >= 0) {
+          for (int r = 0; r < 4; ++r) WO[r * ne + e] = W[r * m + src];
+        } else {
+          const int64_t c = -src - 1;
+          WO[e] = W[2 * m + c]; WO[ne + e] = W[3 * m + c];
+          WO[2 * ne + e] = W[c]; WO[3 * ne + e] = W[m + c];
         }
       }
-    });
+    }
   });
   return {query_pair, ref_pair, wout};
 }
@@ -216,8 +223,11 @@ def native_search_available() -> bool:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        _module = load_inline(name="pml_loop_search", cpp_sources=[_SOURCE], extra_cflags=["-O3"],
-                              verbose=False)
+        # Serial on purpose: a second OpenMP runtime beside PyTorch's own
+        # made the threads of both spin against each other. Built on the
+        # machine that runs it, so -march=native is safe.
+        _module = load_inline(name="pml_loop_search", cpp_sources=[_SOURCE],
+                              extra_cflags=["-O3", "-march=native"], verbose=False)
     except Exception as exc:  # no compiler, no headers: PyTorch ops still work
         _failed = True
         warnings.warn(f"pml_loop: C++ search unavailable ({type(exc).__name__}: {exc}); "
