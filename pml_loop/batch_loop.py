@@ -88,6 +88,11 @@ class Triangle(NamedTuple):
     cols: Tensor
     mirrored_flat: Tensor
 
+    @property
+    def flat(self) -> Tensor:
+        """Flat indices of the upper triangle alone."""
+        return self.mirrored_flat[: len(self.rows)]
+
 
 def upper_triangle(n: int, device: torch.device) -> Triangle:
     k, l = torch.triu_indices(n, n, 1, device=device)
@@ -109,8 +114,8 @@ def search_winners(
     ``symmetric``: for one set (query is reference), the pair combinations to
     search (:func:`upper_triangle` of the pairs; LoOp is symmetric), the
     mirrored ones are filled in. Otherwise the full ``K_q x K_r`` grid is
-    searched. Same-class combinations are searched too (their entries keep
-    the base value later): filtering them costs more than it saves.
+    searched. Same-class combinations are not filtered out; their entries
+    keep the base value later.
     """
     g = GramBlocks(*(x.detach() for x in g))
     kq, kr = table_q.num_pairs, table_r.num_pairs
@@ -184,17 +189,16 @@ def _best_entries(best_val: Tensor, best_ref: Tensor, weights: Tensor, owned_q: 
 def measure_winners(
     g: GramBlocks, table_q: PairTable, table_r: PairTable, winners: Winners,
     weights: PairWeights, geometry: Geometry, compile: bool = False,
-    entries: tuple[Tensor, Tensor] | None = None,
+    entries: Tensor | None = None,
 ) -> Tensor:
     """Measure (squared distance, cosine or dot) of each entry's winner, with gradient.
 
-    ``entries``: ``(i, j)`` index tensors of the entries to measure (shape
-    ``(M,)`` out); ``None``: every entry (``(n_q, n_r)`` out).
+    ``entries``: flat indices ``i * n_r + j`` of the entries to measure
+    (shape ``(M,)`` out); ``None``: every entry (``(n_q, n_r)`` out).
     """
     if entries is not None:
         # Two flat index_selects rather than six 2-D gathers.
-        i, j = entries
-        flat = i * winners.query_pair.shape[1] + j
+        flat = entries
         winners = Winners(*torch.stack(tuple(winners)).flatten(1).index_select(1, flat))
         weights = PairWeights(*torch.stack(tuple(weights)).flatten(1).index_select(1, flat))
     ends_q = table_q.ends[winners.query_pair]  # (..., 2)

@@ -249,7 +249,7 @@ class LoOpDistance(BaseDistance):
             n = len(qn)
             tri = s.entry_triangle
             upper = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry,
-                                    self.compile, entries=(tri.rows, tri.cols))
+                                    self.compile, entries=tri.flat)
             measure = upper.new_zeros(n * n).scatter(0, tri.mirrored_flat, torch.cat((upper, upper)))
             measure = measure.view(n, n)
         else:

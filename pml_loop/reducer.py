@@ -89,10 +89,11 @@ class LoOpReducer(BaseReducer):
 
     def triplet_reduction(self, losses, loss_indices, embeddings, labels):
         a, p, _ = loss_indices
-        per_pair = group_reduce(losses, group_ids(a, p), self.mode, self.beta)
+        pair = group_ids(a, p)
+        per_pair = group_reduce(losses, pair, self.mode, self.beta)
         if self.positives == "hardest":
             pair_anchor = torch.zeros(len(per_pair), dtype=torch.long, device=a.device)
-            pair_anchor[group_ids(a, p)] = a
+            pair_anchor[pair] = a
             per_pair = self._per_anchor(per_pair, pair_anchor, "hardest")
         return self._average(per_pair, embeddings)
 

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .arcs import arc_angles, arc_cosine, closest_arc, closest_arc_weights
+from .arcs import arc_angles, arc_cosine, arc_squared_chord, closest_arc, closest_arc_weights
 from .gram import PairWeights, QuadGram, quad_gram
 from .segments import closest_segment, closest_segment_params, segment_squared_distance, segment_weights
 
@@ -130,7 +130,7 @@ def loop_distance(x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor, sphere: bool) 
         ``(N,)`` distances, differentiable with respect to all four inputs.
     """
     q, w, geometry = _prepare(x1, x2, x3, x4, sphere)
-    sq = segment_squared_distance(q, w) if geometry == "segment" else (2 - 2 * arc_cosine(q, w))
+    sq = segment_squared_distance(q, w) if geometry == "segment" else arc_squared_chord(q, w)
     return safe_sqrt(sq)
 
 
