@@ -9,7 +9,8 @@ search result is kept, so a miner and a loss on the same batch search once.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+import warnings
+from typing import Iterator, Literal, NamedTuple
 
 import torch
 from pytorch_metric_learning.distances import (
@@ -22,16 +23,18 @@ from torch import Tensor
 from .batch_loop import (
     DEFAULT_CHUNK_ELEMENTS,
     GramBlocks,
-    Triangle,
+    SearchPlan,
     Winners,
     gram_blocks,
     measure_winners,
+    search_plan,
     search_winners,
-    upper_triangle,
 )
-from .functional import Geometry, PairWeights, safe_sqrt
+from .functional import Geometry, safe_sqrt
 from .pairs import PARTNERS, Partners, PairTable, partition_key, positive_pair_table
 
+NonFinite = Literal["warn", "raise", "ignore"]
+NONFINITE = ("warn", "raise", "ignore")
 SUPPORTED = "LpDistance(p=2), CosineSimilarity or DotProductSimilarity"
 
 
@@ -60,17 +63,14 @@ class _Structure(NamedTuple):
 
     table_q: PairTable
     table_r: PairTable
-    pair_triangle: Triangle | None  # one set: pair combinations to search
-    entry_triangle: Triangle | None  # one set: entries to measure
+    plan: SearchPlan
+    has_negatives: bool
 
 
 class _Search(NamedTuple):
     keys: tuple
-    table_q: PairTable
-    table_r: PairTable
-    entry_triangle: Triangle | None
+    structure: _Structure
     winners: Winners
-    weights: PairWeights
 
 
 class LoOpDistance(BaseDistance):
@@ -88,11 +88,20 @@ class LoOpDistance(BaseDistance):
         partners: ``"all"`` (exact LoOp: every positive partner) or
             ``"hardest"`` (only each sample's farthest partner; cheaper for
             large cross-batch memories).
-        chunk_elements: bound on the pair combinations searched at once.
-        compile: run the search as a ``torch.compile``'d kernel (several times
-            faster; ~20 s to compile once per process, eager fallback).
+        chunk_elements: pair combinations (and entries) handled at once; the
+            extra memory is at most ``batch_loop.memory_bound_bytes``.
+        compile: run the search and measure kernels through ``torch.compile``
+            (Triton on a GPU; ~20 s to compile once per process, eager fallback).
+        nonfinite: what a NaN or infinite embedding does: ``"warn"`` (like PML:
+            the affected matrix is NaN, so the loss is NaN and a GradScaler can
+            skip the step; a warning says so), ``"raise"`` (ValueError) or
+            ``"ignore"`` (NaN propagates, no check and so no host sync).
 
     Output of ``forward(query (n_q, d), ref (n_r, d))``: ``(n_q, n_r)``.
+
+    Host synchronisation: building the pair structure of a new partition of
+    the labels, comparing a batch's partition with the cached one (one
+    ``torch.equal``) and the finiteness check (unless ``nonfinite="ignore"``).
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class LoOpDistance(BaseDistance):
         partners: Partners = "all",
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         compile: bool = False,
+        nonfinite: NonFinite = "warn",
         **kwargs,
     ):
         base = LpDistance(normalize_embeddings=True, p=2) if distance is None else distance
@@ -109,6 +119,10 @@ class LoOpDistance(BaseDistance):
         geometry = geometry_of(base)
         if partners not in PARTNERS:
             raise ValueError(f"partners must be one of {PARTNERS}, got {partners!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if int(chunk_elements) < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
         super().__init__(
             normalize_embeddings=base.normalize_embeddings, p=base.p, power=base.power,
             is_inverted=base.is_inverted, **kwargs,
@@ -118,10 +132,12 @@ class LoOpDistance(BaseDistance):
         self.partners = partners
         self.chunk_elements = int(chunk_elements)
         self.compile = bool(compile)
+        self.nonfinite = nonfinite
         self._binding: _Binding | None = None
         self._share_depth = 0
         self._shared: _Search | None = None
         self._structure_cache = None
+        self._warned: set[str] = set()
         # How much LoOp moved the negatives, for record-keeper; kept as tensors
         # so that training does not wait for them (read as numbers on demand).
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # base, LoOp, negative mask
@@ -142,7 +158,7 @@ class LoOpDistance(BaseDistance):
 
     @contextlib.contextmanager
     def sharing(self) -> Iterator["LoOpDistance"]:
-        """Keep the search result for repeated calls on the same tensors."""
+        """Keep the search result for repeated calls on the same, unmodified tensors."""
         self._share_depth += 1
         try:
             yield self
@@ -198,9 +214,9 @@ class LoOpDistance(BaseDistance):
         pairs (i, p) and (j, q) realise entry (i, j) of the last matrix."""
         if self._shared is None:
             return None
-        s = self._shared
-        ends_q = s.table_q.ends[s.winners.query_pair]
-        ends_r = s.table_r.ends[s.winners.ref_pair]
+        st, w = self._shared.structure, self._shared.winners
+        ends_q = st.table_q.ends[w.query_pair]
+        ends_r = st.table_r.ends[w.ref_pair]
         rows = torch.arange(ends_q.shape[0], device=ends_q.device)[:, None]
         cols = torch.arange(ends_r.shape[1], device=ends_r.device)[None, :]
         # A pair is stored as (e0, e1); the partner is the end that is not the owner.
@@ -234,65 +250,81 @@ class LoOpDistance(BaseDistance):
 
     def _loop_mat(self, qn, rn, q_labels, r_labels, same_set: bool, keys: tuple) -> Tensor:
         base = self.base.compute_mat(qn, rn)
+        neg = q_labels[:, None] != r_labels[None, :]
         g = gram_blocks(qn, rn, same_set)
-        # A NaN or inf in a row shows in its squared norm: n checks, not n x d.
-        _check_finite(g.qq.diagonal(), "query embeddings")
-        if not same_set:
-            _check_finite(g.rr.diagonal(), "reference embeddings")
+        if self.nonfinite != "ignore" and not self._finite(g, same_set):
+            self._record(base, base, neg)
+            return torch.where(neg, base * float("nan"), base)
+        keys = tuple((k, k._version) for k in keys)  # an in-place edit is a new batch
         s = self._shared
-        if s is None or len(s.keys) != len(keys) or any(a is not b for a, b in zip(s.keys, keys)):
-            s = self._search(g, q_labels, r_labels, same_set, keys)
+        if s is None or len(s.keys) != len(keys) or any(
+                a[0] is not b[0] or a[1] != b[1] for a, b in zip(s.keys, keys)):
+            st = self._structure(g, q_labels, r_labels, same_set)
+            if not st.has_negatives:
+                self._record(base, base, neg)
+                return base
+            s = _Search(keys, st, search_winners(g, st.table_q, st.table_r, self.geometry, st.plan))
             if self._share_depth > 0:
                 self._shared = s
-        if same_set:
-            # The matrix is symmetric: measure the upper triangle, mirror it.
-            n = len(qn)
-            tri = s.entry_triangle
-            upper = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry,
-                                    self.compile, entries=tri.flat)
-            measure = upper.new_zeros(n * n).scatter(0, tri.mirrored_flat, torch.cat((upper, upper)))
-            measure = measure.view(n, n)
-        else:
-            measure = measure_winners(g, s.table_q, s.table_r, s.winners, s.weights, self.geometry, self.compile)
+        st = s.structure
+        measure = measure_winners(g, st.table_q, st.table_r, s.winners, self.geometry, self.chunk_elements)
         loop = self._to_base_units(measure)
-        neg = q_labels[:, None] != r_labels[None, :]
         # The optimum includes the endpoints; min/max with the base value makes
         # "never farther than the plain distance" exact despite rounding.
         loop = torch.maximum(loop, base) if self.is_inverted else torch.minimum(loop, base)
         self._record(base, loop, neg)
         return torch.where(neg, loop, base)
 
-    @torch.no_grad()
-    def _search(self, g: GramBlocks, q_labels, r_labels, same_set: bool, keys: tuple) -> _Search:
-        g = GramBlocks(*(x.detach() for x in g))
-        st = self._structure(g, q_labels, r_labels, same_set)
-        winners, weights = search_winners(
-            g, st.table_q, st.table_r, self.geometry, st.pair_triangle, self.chunk_elements, self.compile
-        )
-        return _Search(keys, st.table_q, st.table_r, st.entry_triangle, winners, weights)
+    def _finite(self, g: GramBlocks, same_set: bool) -> bool:
+        # A NaN or inf in a row shows in its squared norm: n checks, not n x d.
+        ok = bool(torch.isfinite(g.qq.diagonal()).all()) and (
+            same_set or bool(torch.isfinite(g.rr.diagonal()).all()))
+        if ok:
+            return True
+        message = "LoOp got NaN or infinite embeddings (or norms that overflow)"
+        if self.nonfinite == "raise":
+            raise ValueError(message)
+        warnings.warn(message + "; the negative entries are NaN, so the loss is NaN "
+                      "(a GradScaler skips such a step)", RuntimeWarning, stacklevel=4)
+        return False
 
     def _structure(self, g: GramBlocks, q_labels, r_labels, same_set: bool) -> _Structure:
-        """Pair tables (and triangles) of the batch; with ``partners="all"``
-        they depend only on how positions split into classes, which
+        """Pair tables and search plan of the batch; with ``partners="all"`` they
+        depend only on how positions split into classes (for one set), which
         m-per-class batches repeat, so the last one is reused."""
         if self.partners == "hardest":
             far_q = self._farness(g.qq, g.qq.diagonal(), g.qq.diagonal())
             table_q = positive_pair_table(q_labels, "hardest", far_q)
             if same_set:
-                return _structure_of_one_set(table_q)
+                return self._new_structure(table_q, table_q, q_labels, r_labels)
             far_r = self._farness(g.rr, g.rr.diagonal(), g.rr.diagonal())
-            return _Structure(table_q, positive_pair_table(r_labels, "hardest", far_r), None, None)
-        key = (partition_key(q_labels), None if same_set else partition_key(r_labels))
+            return self._new_structure(table_q, positive_pair_table(r_labels, "hardest", far_r), q_labels, r_labels)
+        # Across two sets, which classes meet depends on the label values too.
+        key = (partition_key(q_labels),) if same_set else (q_labels, r_labels)
         cached = self._structure_cache
         if cached is not None and _same_key(cached[0], key):
             return cached[1]
         table_q = positive_pair_table(q_labels)
-        if same_set:
-            structure = _structure_of_one_set(table_q)
-        else:
-            structure = _Structure(table_q, positive_pair_table(r_labels), None, None)
-        self._structure_cache = (key, structure)
+        table_r = table_q if same_set else positive_pair_table(r_labels)
+        structure = self._new_structure(table_q, table_r, q_labels, r_labels)
+        self._structure_cache = (tuple(k.clone() for k in key), structure)
         return structure
+
+    def _new_structure(self, table_q: PairTable, table_r: PairTable, q_labels: Tensor, r_labels: Tensor) -> _Structure:
+        has_negatives = bool((q_labels[:, None] != r_labels[None, :]).any())
+        if not has_negatives:
+            self._warn_once("one_class", "a batch with a single class has no negative pair: "
+                            "LoOp (and most losses) get nothing to learn from it")
+        elif table_q.num_pairs == len(q_labels) and len(table_q.runs) == len(q_labels) and self.partners == "all":
+            self._warn_once("singletons", "every sample of the batch is its own class: no positive pairs, "
+                            "so LoOp equals the plain distance; sample several per class "
+                            "(e.g. PML's MPerClassSampler)")
+        return _Structure(table_q, table_r, search_plan(table_q, table_r, self.chunk_elements), has_negatives)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=5)
 
     def _paired_mat(self, qn: Tensor, rn: Tensor) -> Tensor:
         """NPairs form: row k of ``qn`` and of ``rn`` are the two ends of pair k;
@@ -300,7 +332,7 @@ class LoOpDistance(BaseDistance):
         m = len(qn)
         both = torch.cat((qn, rn), 0)
         labels = torch.arange(m, device=qn.device).repeat(2)
-        full = self._loop_mat(both, both, labels, labels, True, keys=(qn, rn, "paired"))
+        full = self._loop_mat(both, both, labels, labels, True, keys=(qn, rn))
         return full[:m, m:]
 
     def _to_base_units(self, measure: Tensor) -> Tensor:
@@ -327,20 +359,6 @@ class LoOpDistance(BaseDistance):
         return float((base - loop).abs()[neg].mean())
 
 
-def _structure_of_one_set(table: PairTable) -> _Structure:
-    device = table.ends.device
-    return _Structure(table, table, upper_triangle(table.num_pairs, device),
-                      upper_triangle(table.owned.shape[0], device))
-
-
 def _same_key(a: tuple, b: tuple) -> bool:
-    return all(
-        (x is None and y is None) or (x is not None and y is not None and x.shape == y.shape
-                                      and x.device == y.device and torch.equal(x, y))
-        for x, y in zip(a, b)
-    )
-
-
-def _check_finite(norms: Tensor, name: str) -> None:
-    if not torch.isfinite(norms).all():
-        raise ValueError(f"LoOp got NaN or infinite values in the {name} (or norms that overflow)")
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.device == y.device and torch.equal(x, y) for x, y in zip(a, b))

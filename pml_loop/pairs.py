@@ -3,8 +3,8 @@
 Every sample i owns a list of *pairs* (i, p) with p a positive partner of i;
 a sample without partner owns the degenerate pair (i, i), a point, so that a
 batch of singleton classes reduces LoOp to the plain distance. The pairs of a
-set are stored once (``ends``) and each sample lists the pairs it owns
-(``owned``).
+set are stored once (``ends``), sorted by class so that the pairs of one
+class are contiguous, and each sample lists the pairs it owns (``owned``).
 """
 from __future__ import annotations
 
@@ -20,20 +20,26 @@ PARTNERS = ("all", "hardest")
 class PairTable(NamedTuple):
     """Positive pairs of one set of ``n`` samples.
 
-    ends:  ``(K, 2)`` sample indices of the two ends of each pair.
-    owned: ``(n, deg)`` pair indices owned by each sample; short rows repeat
-           their first pair (harmless under a minimum, and always a valid index).
+    ends:   ``(K, 2)`` sample indices of the two ends of each pair; the pairs of
+            one class are contiguous.
+    owned:  ``(n, deg)`` pair indices owned by each sample; short rows repeat
+            their first pair (harmless under a minimum, and always a valid index).
+    labels: ``(K,)`` the class of each pair.
+    runs:   the number of pairs of each class, in order (host integers: they
+            decide how the search is cut into blocks).
     """
 
     ends: Tensor
     owned: Tensor
+    labels: Tensor
+    runs: tuple[int, ...]
 
     @property
     def num_pairs(self) -> int:
         return self.ends.shape[0]
 
 
-def _group_by_owner(owner: Tensor, pair_id: Tensor, n: int, num_pairs: int) -> Tensor:
+def _group_by_owner(owner: Tensor, pair_id: Tensor, n: int) -> Tensor:
     """Scatter ``pair_id`` into a ``(n, deg)`` table by ``owner`` (vectorised); every
     sample owns at least one pair, which pads its row."""
     order = torch.argsort(owner, stable=True)
@@ -47,6 +53,14 @@ def _group_by_owner(owner: Tensor, pair_id: Tensor, n: int, num_pairs: int) -> T
     return torch.where(owned < 0, owned[:, :1], owned)
 
 
+def _sorted_by_class(ends: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    pair_labels = labels[ends[:, 0]]
+    order = torch.argsort(pair_labels, stable=True)
+    ends, pair_labels = ends[order], pair_labels[order]
+    runs = torch.unique_consecutive(pair_labels, return_counts=True)[1]
+    return ends, pair_labels, tuple(runs.tolist())
+
+
 def positive_pair_table(
     labels: Tensor, partners: Partners = "all", farness: Tensor | None = None
 ) -> PairTable:
@@ -54,7 +68,8 @@ def positive_pair_table(
 
     Args:
         labels: ``(n,)`` integer labels.
-        partners: ``"all"``: sample i owns every (i, p) with p of its class;
+        partners: ``"all"``: sample i owns every (i, p) with p of its class
+            (each unordered pair stored once, owned by both ends);
             ``"hardest"``: only (i, p*) with p* its farthest partner.
         farness: ``(n, n)`` larger = farther, required for ``"hardest"``.
     """
@@ -71,17 +86,21 @@ def positive_pair_table(
             raise ValueError('partners="hardest" needs the farness matrix')
         far = farness.detach().masked_fill(~same, float("-inf"))
         partner = torch.where(has_partner, far.argmax(1), idx)
-        return PairTable(torch.stack((idx, partner), 1), idx.unsqueeze(1))
+        ends, pair_labels, runs = _sorted_by_class(torch.stack((idx, partner), 1), labels)
+        # Sample i owns the pair that starts at i.
+        owned = torch.empty(n, dtype=torch.long, device=device)
+        owned[ends[:, 0]] = torch.arange(n, device=device)
+        return PairTable(ends, owned.unsqueeze(1), pair_labels, runs)
     i, p = torch.triu(same, diagonal=1).nonzero(as_tuple=True)
     lonely = idx[~has_partner]
     ends = torch.cat((torch.stack((i, p), 1), torch.stack((lonely, lonely), 1)), 0)
-    k = len(ends)
-    pair_id = torch.arange(k, device=device)
+    ends, pair_labels, runs = _sorted_by_class(ends, labels)
+    pair_id = torch.arange(len(ends), device=device)
     # A pair (i, p) is owned by both i and p; a point (i, i) only once.
     is_point = ends[:, 0] == ends[:, 1]
     owner = torch.cat((ends[:, 0], ends[~is_point, 1]))
     ids = torch.cat((pair_id, pair_id[~is_point]))
-    return PairTable(ends, _group_by_owner(owner, ids, n, k))
+    return PairTable(ends, _group_by_owner(owner, ids, n), pair_labels, runs)
 
 
 def partition_key(labels: Tensor) -> Tensor:

@@ -3,23 +3,25 @@
 ``loop_distance`` / ``loop_params`` work on explicit quadruples; the rest works
 on inner products (:class:`QuadGram`) so batches need only their Gram matrix.
 """
-from .arcs import arc_angles, arc_cosine, arc_squared_chord, closest_arc_weights
+from .arcs import arc_angles, arc_cosine, arc_squared_chord, closest_arc, closest_arc_weights
 from .gram import PairWeights, QuadGram, quad_gram
 from .loop import (
     GEOMETRIES,
     Geometry,
+    candidate_scores,
+    candidate_weights,
     loop_distance,
     loop_params,
     measure_at,
     optimal_weights,
     safe_sqrt,
-    search_badness,
 )
-from .segments import closest_segment_params, segment_squared_distance, segment_weights
+from .segments import closest_segment, closest_segment_params, segment_squared_distance, segment_weights
 
 __all__ = [
     "GEOMETRIES", "Geometry", "PairWeights", "QuadGram", "arc_angles", "arc_cosine",
-    "arc_squared_chord", "closest_arc_weights", "closest_segment_params", "loop_distance",
+    "arc_squared_chord", "candidate_scores", "candidate_weights", "closest_arc",
+    "closest_arc_weights", "closest_segment", "closest_segment_params", "loop_distance",
     "loop_params", "measure_at", "optimal_weights", "quad_gram", "safe_sqrt",
-    "search_badness", "segment_squared_distance", "segment_weights",
+    "segment_squared_distance", "segment_weights",
 ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import PairWeights, QuadGram, select_best
+from .gram import PairWeights, QuadGram
 
 
 def _norm_sq(w1: Tensor, w2: Tensor, g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
@@ -51,47 +51,34 @@ def arc_squared_chord(q: QuadGram, w: PairWeights) -> Tensor:
     return (2 - 2 * arc_cosine(q, w)).clamp_min(0)
 
 
-@torch.no_grad()
-def closest_arc_weights(q: QuadGram) -> PairWeights:
-    """Conic weights of the closest points of the two arcs (largest p.q).
-
-    Shapes: every field of the result has the broadcast shape of ``q``.
-    """
-    return closest_arc(q)[1]
+#: Below any cosine: marks an infeasible candidate.
+_NONE = -4.0
 
 
-@torch.no_grad()
-def closest_arc(q: QuadGram) -> tuple[Tensor, PairWeights]:
-    """Largest cosine between the two arcs, and the weights of its points.
+def _planes(g12: Tensor) -> tuple[Tensor, Tensor]:
+    """Per arc: 1 / sin^2 of its angle (0 for a flat arc: coincident or
+    antipodal ends, see the module docstring) and a ranking penalty that
+    removes the candidates needing its plane."""
+    det = 1 - g12 * g12
+    flat = det <= 1e3 * torch.finfo(det.dtype).eps
+    return det.masked_fill(flat, float("inf")).reciprocal(), flat * _NONE
 
-    Candidates are ranked by closed-form cosines that take the inputs as unit
-    vectors (9 values, no per-candidate normalisation); the weights are valid
-    for any inputs and are measured exactly by :func:`arc_cosine`.
-    """
-    g12, g34, g13, g14, g23, g24 = torch.broadcast_tensors(q.g12, q.g34, q.g13, q.g14, q.g23, q.g24)
-    eps = torch.finfo(g12.dtype).eps
-    det_a = 1 - g12 * g12  # sin^2 of each arc's angle
-    det_b = 1 - g34 * g34
-    # Below this, treat the arc as its two endpoints (see module docstring).
-    flat_a, flat_b = det_a <= 1e3 * eps, det_b <= 1e3 * eps
-    inv_a = det_a.masked_fill(flat_a, float("inf")).reciprocal()  # 0 on flat arcs
-    inv_b = det_b.masked_fill(flat_b, float("inf")).reciprocal()
-    none = -2.0  # below any cosine: marks an infeasible candidate
 
-    def projection(y1: Tensor, y2: Tensor, c: Tensor, inv_det: Tensor, flat: Tensor):
-        # Weights adj (y.e1, y.e2) of the projection of unit y onto the arc's
-        # plane, and its cosine with y: sqrt(y^T adj y / det).
-        w1, w2 = y1 - c * y2, y2 - c * y1
-        off = flat | (torch.minimum(w1, w2) < 0) | (w1 + w2 <= 0)
-        cos = ((y1 * w1 + y2 * w2) * inv_det).clamp_min(0).sqrt()
-        return w1, w2, cos.masked_fill_(off, none)
+def _edge_weights(y1: Tensor, y2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights adj (y.e1, y.e2) of the projection of unit y onto the plane of an
+    arc with ends e1, e2 (c = e1.e2); the point is on the arc iff both >= 0."""
+    return y1 - c * y2, y2 - c * y1
 
-    # Edges: x1 or x2 against arc B; x3 or x4 against arc A.
-    e1 = projection(g13, g14, g34, inv_b, flat_b)
-    e2 = projection(g23, g24, g34, inv_b, flat_b)
-    e3 = projection(g13, g23, g12, inv_a, flat_a)
-    e4 = projection(g14, g24, g12, inv_a, flat_a)
-    # Interior: top eigenvector of K = adj(A) C adj(B) C^T = P R.
+
+def _edge_cosine(y1: Tensor, y2: Tensor, w: tuple[Tensor, Tensor], inv_det: Tensor, penalty: Tensor) -> Tensor:
+    # cos(y, projection) = sqrt(y^T adj y / det).
+    cos = ((y1 * w[0] + y2 * w[1]) * inv_det).clamp_min(0).sqrt()
+    return torch.where(torch.minimum(w[0], w[1]) < 0, _NONE, cos + penalty)
+
+
+def _interior(g12, g34, g13, g14, g23, g24) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Top eigenvalue mu of K = adj(A) C adj(B) C^T = P R, its eigenvector l and
+    the partner weights R l: the interior stationary pair (up to a common sign)."""
     p11, p12 = g13 - g12 * g23, g14 - g12 * g24
     p21, p22 = g23 - g12 * g13, g24 - g12 * g14
     r11, r12 = g13 - g34 * g14, g23 - g34 * g24
@@ -104,28 +91,72 @@ def closest_arc(q: QuadGram) -> tuple[Tensor, PairWeights]:
     u1, u2, v1, v2 = k12, mu - k11, mu - k22, k21
     use_u = u1 * u1 + u2 * u2 >= v1 * v1 + v2 * v2
     a1, a2 = torch.where(use_u, u1, v1), torch.where(use_u, u2, v2)
-    b1, b2 = r11 * a1 + r12 * a2, r21 * a1 + r22 * a2
-    # (l, adj(B) C^T l) has p.q >= 0, so only a common sign flip is allowed.
+    return mu, (a1, a2, r11 * a1 + r12 * a2, r21 * a1 + r22 * a2)
+
+
+def arc_candidate_cosines(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g23: Tensor, g24: Tensor) -> Tensor:
+    """``(9, *S)``: the closed-form cosine of each candidate (see the module
+    docstring), ranking only: infeasible candidates score below -1.
+
+    The inputs broadcast to a common shape ``S``; ``g12`` may be a column and
+    ``g34`` a row of a grid of pair combinations.
+    """
+    inv_a, pen_a = _planes(g12)
+    inv_b, pen_b = _planes(g34)
+    # Edges: x1 or x2 against arc B; x3 or x4 against arc A.
+    e1 = _edge_cosine(g13, g14, _edge_weights(g13, g14, g34), inv_b, pen_b)
+    e2 = _edge_cosine(g23, g24, _edge_weights(g23, g24, g34), inv_b, pen_b)
+    e3 = _edge_cosine(g13, g23, _edge_weights(g13, g23, g12), inv_a, pen_a)
+    e4 = _edge_cosine(g14, g24, _edge_weights(g14, g24, g12), inv_a, pen_a)
+    mu, (a1, a2, b1, b2) = _interior(g12, g34, g13, g14, g23, g24)
+    # (l, R l) has p.q >= 0, so only a common sign flip is allowed; a zero
+    # vector has no direction.
     lo = torch.minimum(torch.minimum(a1, a2), torch.minimum(b1, b2))
     hi = torch.maximum(torch.maximum(a1, a2), torch.maximum(b1, b2))
-    off = flat_a | flat_b | ((lo < 0) & (hi > 0)) | (a1.abs() + a2.abs() == 0) | (b1.abs() + b2.abs() == 0)
-    interior = (mu * inv_a * inv_b).clamp_min(0).sqrt().masked_fill_(off, none)
+    off = (lo * hi < 0) | (a1 * a1 + a2 * a2 == 0) | (b1 * b1 + b2 * b2 == 0)
+    interior = torch.where(off, _NONE, (mu * inv_a * inv_b).clamp_min(0).sqrt() + (pen_a + pen_b))
+    return torch.stack(torch.broadcast_tensors(g13, g14, g23, g24, e1, e2, e3, e4, interior))
 
-    cos, (a1, a2, b1, b2) = select_best(
-        (g13, g14, g23, g24, e1[2], e2[2], e3[2], e4[2], interior),
-        (
-            (1.0, 0.0, 1.0, 0.0), (1.0, 0.0, 0.0, 1.0), (0.0, 1.0, 1.0, 0.0), (0.0, 1.0, 0.0, 1.0),
-            (1.0, 0.0, e1[0], e1[1]), (0.0, 1.0, e2[0], e2[1]),
-            (e3[0], e3[1], 1.0, 0.0), (e4[0], e4[1], 0.0, 1.0),
-            (a1.abs(), a2.abs(), b1.abs(), b2.abs()),
-        ),
-        largest=True,
+
+def arc_candidate_weights(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g23: Tensor, g24: Tensor,
+                          which: Tensor) -> PairWeights:
+    """Conic weights of candidate ``which`` (0-3 corners, 4-7 edges, 8 interior;
+    the order of :func:`arc_candidate_cosines`), each pair summing to 1."""
+    one, zero = torch.ones_like(g13), torch.zeros_like(g13)
+    e1 = _edge_weights(g13, g14, g34)
+    e2 = _edge_weights(g23, g24, g34)
+    e3 = _edge_weights(g13, g23, g12)
+    e4 = _edge_weights(g14, g24, g12)
+    _, (a1, a2, b1, b2) = _interior(g12, g34, g13, g14, g23, g24)
+    options = (
+        (one, one, zero, zero, one, zero, e3[0], e4[0], a1.abs()),
+        (zero, zero, one, one, zero, one, e3[1], e4[1], a2.abs()),
+        (one, zero, one, zero, e1[0], e2[0], one, zero, b1.abs()),
+        (zero, one, zero, one, e1[1], e2[1], zero, one, b2.abs()),
     )
-    # The weights are defined up to scale; projections can be tiny (1e-20) and
-    # would make the measured cosine's gradient overflow. Make each pair sum to 1.
-    sa = (a1 + a2).clamp_min(torch.finfo(a1.dtype).tiny)
-    sb = (b1 + b2).clamp_min(torch.finfo(b1.dtype).tiny)
-    return cos, PairWeights(a1 / sa, a2 / sa, b1 / sb, b2 / sb)
+    w1, w2, w3, w4 = (torch.stack(torch.broadcast_tensors(*o)).gather(0, which.unsqueeze(0)).squeeze(0).clamp_min(0)
+                      for o in options)
+    # Defined up to scale; projections can be tiny (1e-20) and would make the
+    # measured cosine's gradient overflow. Make each pair sum to 1.
+    tiny = torch.finfo(w1.dtype).tiny
+    sa, sb = (w1 + w2).clamp_min(tiny), (w3 + w4).clamp_min(tiny)
+    return PairWeights(w1 / sa, w2 / sa, w3 / sb, w4 / sb)
+
+
+@torch.no_grad()
+def closest_arc(q: QuadGram) -> tuple[Tensor, PairWeights]:
+    """Largest cosine between the two arcs (closed form, taking the inputs as
+    unit vectors), and the weights of its points (valid for any inputs; measure
+    them exactly with :func:`arc_cosine`). Shapes: the broadcast shape of ``q``."""
+    g = (q.g12, q.g34, q.g13, q.g14, q.g23, q.g24)
+    cos, which = arc_candidate_cosines(*g).max(0)
+    return cos, arc_candidate_weights(*g, which)
+
+
+@torch.no_grad()
+def closest_arc_weights(q: QuadGram) -> PairWeights:
+    """Conic weights of the closest points of the two arcs (largest p.q)."""
+    return closest_arc(q)[1]
 
 
 def arc_angles(q: QuadGram, w: PairWeights) -> tuple[Tensor, Tensor]:

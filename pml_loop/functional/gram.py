@@ -59,23 +59,3 @@ def quad_gram(x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> QuadGram:
         dot(x3, x3), dot(x3, x4), dot(x4, x4),
         dot(x1, x3), dot(x1, x4), dot(x2, x3), dot(x2, x4),
     )
-
-
-def select_best(values, payloads, largest: bool) -> tuple[Tensor, list[Tensor]]:
-    """Per element, the best candidate value and its payload (the first on ties).
-
-    ``values``: candidate tensors of one shape; ``payloads``: per candidate a
-    tuple of tensors or Python floats. A running comparison with float masks
-    and ``lerp``: on CPU ``torch.where`` and stacked argmax cost several times
-    more than these elementwise passes. No gradient (search only).
-    """
-    best = values[0].clone()
-    as_tensor = lambda x: torch.as_tensor(x, dtype=best.dtype, device=best.device).expand_as(best)  # noqa: E731
-    out = [as_tensor(x) for x in payloads[0]]
-    better = torch.empty_like(best)
-    compare, keep = (torch.gt, torch.maximum) if largest else (torch.lt, torch.minimum)
-    for value, payload in zip(values[1:], payloads[1:]):
-        compare(value, best, out=better)  # 1.0 where this candidate wins
-        best = keep(best, value)
-        out = [torch.lerp(y, as_tensor(x), better) for x, y in zip(payload, out)]
-    return best, out

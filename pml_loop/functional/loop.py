@@ -18,25 +18,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .arcs import arc_angles, arc_cosine, arc_squared_chord, closest_arc, closest_arc_weights
+from .arcs import arc_angles, arc_candidate_cosines, arc_candidate_weights, arc_cosine, arc_squared_chord
 from .gram import PairWeights, QuadGram, quad_gram
-from .segments import closest_segment, closest_segment_params, segment_squared_distance, segment_weights
+from .segments import segment_candidates, segment_squared_distance, segment_weights
 
 Geometry = Literal["segment", "arc", "dot"]
 GEOMETRIES = ("segment", "arc", "dot")
-
-
-@torch.no_grad()
-def _closest_corner_weights(q: QuadGram) -> PairWeights:
-    g13, g14, g23, g24 = torch.broadcast_tensors(q.g13, q.g14, q.g23, q.g24)
-    best = torch.stack((g13, g14, g23, g24), -1).argmax(-1)
-    first_a = best < 2
-    first_b = best % 2 == 0
-    one, zero = torch.ones_like(g13), torch.zeros_like(g13)
-    return PairWeights(
-        torch.where(first_a, one, zero), torch.where(first_a, zero, one),
-        torch.where(first_b, one, zero), torch.where(first_b, zero, one),
-    )
 
 
 def _dot_at(q: QuadGram, w: PairWeights) -> Tensor:
@@ -45,15 +32,41 @@ def _dot_at(q: QuadGram, w: PairWeights) -> Tensor:
 
 
 @torch.no_grad()
+def candidate_scores(q: QuadGram, geometry: Geometry) -> Tensor:
+    """``(k, *S)``: the closed-form optimum of each candidate of the geometry,
+    larger is better (minus the squared distance for segments; the cosine,
+    resp. dot product, for arcs and dot). The best one is the LoOp optimum; the
+    batch search ranks pair combinations by it. No gradient."""
+    if geometry == "segment":
+        return -segment_candidates(q)[2]
+    if geometry == "arc":
+        return arc_candidate_cosines(q.g12, q.g34, q.g13, q.g14, q.g23, q.g24)
+    if geometry == "dot":
+        return torch.stack(torch.broadcast_tensors(q.g13, q.g14, q.g23, q.g24))
+    raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
+
+
+@torch.no_grad()
+def candidate_weights(q: QuadGram, which: Tensor, geometry: Geometry) -> PairWeights:
+    """Weights (see :class:`PairWeights`) of candidate ``which`` (an index into
+    :func:`candidate_scores`), shape of ``which``."""
+    if geometry == "segment":
+        s, t, _ = segment_candidates(q)
+        at = which.unsqueeze(0)
+        return segment_weights(s.gather(0, at).squeeze(0), t.gather(0, at).squeeze(0))
+    if geometry == "arc":
+        return arc_candidate_weights(q.g12, q.g34, q.g13, q.g14, q.g23, q.g24, which)
+    if geometry == "dot":  # corners 13, 14, 23, 24
+        first_a = (which < 2).to(q.g13.dtype)
+        first_b = (which % 2 == 0).to(q.g13.dtype)
+        return PairWeights(first_a, 1 - first_a, first_b, 1 - first_b)
+    raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
+
+
+@torch.no_grad()
 def optimal_weights(q: QuadGram, geometry: Geometry) -> PairWeights:
     """Weights of the optimal points on each pair (see :class:`PairWeights`)."""
-    if geometry == "segment":
-        return segment_weights(*closest_segment_params(q))
-    if geometry == "arc":
-        return closest_arc_weights(q)
-    if geometry == "dot":
-        return _closest_corner_weights(q)
-    raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
+    return candidate_weights(q, candidate_scores(q, geometry).argmax(0), geometry)
 
 
 def measure_at(q: QuadGram, w: PairWeights, geometry: Geometry) -> Tensor:
@@ -65,20 +78,6 @@ def measure_at(q: QuadGram, w: PairWeights, geometry: Geometry) -> Tensor:
     if geometry == "dot":
         return _dot_at(q, w)
     raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
-
-
-@torch.no_grad()
-def search_badness(q: QuadGram, geometry: Geometry) -> tuple[Tensor, PairWeights]:
-    """Optimal weights, and a value to *minimise* across pair combinations (the
-    searches' own closed-form optimum; measured exactly later). No gradient."""
-    if geometry == "segment":
-        sq, st = closest_segment(q)
-        return sq, segment_weights(*st)
-    if geometry == "arc":
-        cos, w = closest_arc(q)
-        return -cos, w
-    w = optimal_weights(q, geometry)
-    return -measure_at(q, w, geometry), w
 
 
 def _check_inputs(xs: tuple[Tensor, ...], sphere: bool) -> None:

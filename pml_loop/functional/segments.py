@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import PairWeights, QuadGram, select_best
+from .gram import PairWeights, QuadGram
 
 
 def segment_coefficients(q: QuadGram) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -35,34 +35,21 @@ def _safe_ratio(num: Tensor, den: Tensor, tiny: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-@torch.no_grad()
-def closest_segment_params(q: QuadGram) -> tuple[Tensor, Tensor]:
-    """Optimal (s, t) in [0, 1]^2 for every quadruple; shapes broadcast of ``q``."""
-    return closest_segment(q)[1]
+def segment_candidates(q: QuadGram) -> tuple[Tensor, Tensor, Tensor]:
+    """The 5 candidate minimisers (4 clamped edges, the interior point when it is
+    feasible): ``s``, ``t`` and the squared distance at each, all ``(5, *S)``.
 
-
-@torch.no_grad()
-def closest_segment(q: QuadGram) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Smallest squared distance between the segments (from the quadratic's
-    coefficients, clamped at 0), and its (s, t)."""
+    The fields of ``q`` broadcast to ``S`` (a column of first pairs against a
+    row of second pairs works).
+    """
     a, b, c, d, e, f = segment_coefficients(q)
     eps = torch.finfo(a.dtype).eps
     scale = (q.g11 + q.g22 + q.g33 + q.g44).abs() + 1  # degeneracy is relative
     tiny = eps * scale
-
     # Edge candidates: fix one parameter at 0 or 1, clamp the other's optimum.
-    s_cands = [
-        torch.zeros_like(a),
-        torch.ones_like(a),
-        _safe_ratio(-d, a, tiny).clamp(0, 1),
-        _safe_ratio(b - d, a, tiny).clamp(0, 1),
-    ]
-    t_cands = [
-        _safe_ratio(e, c, tiny).clamp(0, 1),
-        _safe_ratio(e + b, c, tiny).clamp(0, 1),
-        torch.zeros_like(a),
-        torch.ones_like(a),
-    ]
+    zero, one = torch.zeros_like(b), torch.ones_like(b)
+    s_edges = [zero, one, _safe_ratio(-d, a, tiny).clamp(0, 1), _safe_ratio(b - d, a, tiny).clamp(0, 1)]
+    t_edges = [_safe_ratio(e, c, tiny).clamp(0, 1), _safe_ratio(e + b, c, tiny).clamp(0, 1), zero, one]
     # Interior stationary point: only when the quadratic is strictly convex
     # (non-parallel segments) and it falls inside the square.
     det = a * c - b * b
@@ -71,15 +58,25 @@ def closest_segment(q: QuadGram) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     s_in = (b * e - c * d) / safe_det
     t_in = (a * e - b * d) / safe_det
     inside = well_posed & (s_in >= 0) & (s_in <= 1) & (t_in >= 0) & (t_in <= 1)
-    s_cands.append(torch.where(inside, s_in, s_cands[0]))
-    t_cands.append(torch.where(inside, t_in, t_cands[0]))
+    s = torch.stack(torch.broadcast_tensors(*s_edges, torch.where(inside, s_in, zero)))
+    t = torch.stack(torch.broadcast_tensors(*t_edges, torch.where(inside, t_in, t_edges[0])))
+    sq = a * s * s + c * t * t - 2 * b * s * t + 2 * d * s - 2 * e * t + f
+    return s, t, sq
 
-    def value(s: Tensor, t: Tensor) -> Tensor:
-        return a * s * s + c * t * t - 2 * b * s * t + 2 * d * s - 2 * e * t
 
-    cands = list(zip(s_cands, t_cands))
-    best, (s, t) = select_best([value(s, t) for s, t in cands], cands, largest=False)
-    return (best + f).clamp_min(0), (s, t)
+@torch.no_grad()
+def closest_segment(q: QuadGram) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Smallest squared distance between the segments (clamped at 0), and its (s, t)."""
+    s, t, sq = segment_candidates(q)
+    best, which = sq.min(0)
+    at = which.unsqueeze(0)
+    return best.clamp_min(0), (s.gather(0, at).squeeze(0), t.gather(0, at).squeeze(0))
+
+
+@torch.no_grad()
+def closest_segment_params(q: QuadGram) -> tuple[Tensor, Tensor]:
+    """Optimal (s, t) in [0, 1]^2 for every quadruple; shapes broadcast of ``q``."""
+    return closest_segment(q)[1]
 
 
 def segment_weights(s: Tensor, t: Tensor) -> PairWeights:
