@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from pytorch_metric_learning import distances, losses, miners, reducers, regularizers
+from pytorch_metric_learning import distances, losses, miners, reducers, regularizers, trainers
 
 from pml_loop.bench.config import ConfigError, load_config_folders, merge, Provenance
 from pml_loop.bench.registry import (
@@ -201,7 +201,8 @@ def test_build_all():
 
 
 def test_check_spec_checks_runtime_objects_without_building():
-    assert check_spec({"MetricLossOnly": {"batch_size": 32}}) is not None
+    # returns the class itself: a trainer cannot be built before its models exist
+    assert check_spec({"MetricLossOnly": {"batch_size": 32}}) is trainers.MetricLossOnly
     with pytest.raises(ConfigError, match=r"trainer\.MetricLossOnly\.batchsize: unexpected keyword.*did you mean batch_size"):
         check_spec({"MetricLossOnly": {"batchsize": 32}}, where="trainer")
 

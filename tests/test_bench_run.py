@@ -15,21 +15,34 @@ import yaml
 
 from pml_loop.bench import __main__ as bench_main
 from pml_loop.bench import registry, runner
+from pml_loop.bench.config import CONFIG_FOLDERS, load_saved_config
 
 NUM_CLASSES = 24
 PER_CLASS = 8
 DIM = 8
 
 
+NUISANCE_STD = 3.0
+
+
 class TinyBlobs(torch.utils.data.Dataset):
     """Gaussian blobs, one per class: classes 12..23 are test, 0..11 are cut
-    into train/val folds (class-disjoint, as the real datasets)."""
+    into train/val folds (class-disjoint, as the real datasets).
 
-    def __init__(self, root=None, split="train", fold=0, num_folds=4, transform=None):
+    With `nuisance_dims` > 0 the last coordinates hold loud class-independent
+    noise instead of blob centres. Plain blobs are already well separated by
+    a random projection, so training need not beat the untrained model on
+    held-out classes; with nuisance coordinates it must learn to ignore them,
+    which carries over to unseen classes and makes "training helped" testable.
+    """
+
+    def __init__(self, root=None, split="train", fold=0, num_folds=4, transform=None, nuisance_dims=0):
         rng = np.random.default_rng(123)
         centers = rng.normal(size=(NUM_CLASSES, DIM)) * 1.5
         labels = np.repeat(np.arange(NUM_CLASSES), PER_CLASS)
         x = centers[labels] + rng.normal(size=(len(labels), DIM))
+        if nuisance_dims:
+            x[:, DIM - nuisance_dims:] = rng.normal(size=(len(labels), nuisance_dims)) * NUISANCE_STD
         half = NUM_CLASSES // 2
         chunks = np.array_split(np.arange(half), num_folds)
         classes = {
@@ -119,7 +132,7 @@ def accuracy_table(fold_folder, split):
 
 
 def test_end_to_end_layout_and_logs(tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_config(dataset={"TinyBlobs": {"nuisance_dims": 4}})
     result = runner.run_experiment(cfg, str(tmp_path / "exp"))
     fold = tmp_path / "exp" / "fold_0"
     for sub in ("saved_models", "saved_csvs", "tensorboard_logs"):
@@ -145,9 +158,11 @@ def test_end_to_end_layout_and_logs(tmp_path):
     assert meta["test"]["mean_average_precision_at_r"]["mean"] == pytest.approx(
         state.best_accuracies["test"]["mean_average_precision_at_r"])
     assert meta["seconds_per_iteration"] > 0
-    # training helped on the held-out classes (blobs are easy)
+    # training helped on the held-out classes: over seeds 0..15 the gain in
+    # test MAP@R was 0.12 to 0.21 (untrained about 0.1), so 0.06 leaves room
+    # for other platforms while a runner that does not train fails
     untrained = state.history[0]["accuracies"]["test"]["mean_average_precision_at_r"]
-    assert state.best_accuracies["test"]["mean_average_precision_at_r"] > untrained - 0.05
+    assert state.best_accuracies["test"]["mean_average_precision_at_r"] > untrained + 0.06
 
 
 def test_finished_run_is_skipped_and_fresh_run_refused(tmp_path):
@@ -188,7 +203,10 @@ def test_main_runs_from_config_folders(tmp_path, capsys):
     assert bench_main.main(argv) == 0
     assert "best epoch 1" in capsys.readouterr().out
     exp = tmp_path / "exp"
-    assert sorted(p.name for p in (exp / "configs").iterdir()) and (exp / "meta_logs").is_dir()
+    # one saved file per config folder, holding the command line's override
+    assert sorted(p.name for p in (exp / "configs").iterdir()) == sorted(f"{f}.yaml" for f in CONFIG_FOLDERS)
+    assert load_saved_config(exp)[0]["num_epochs_train"] == 1
+    assert (exp / "meta_logs" / "best_accuracies.json").is_file()
     assert (exp / "fold_0" / "saved_csvs" / "logs.db").is_file()
     # the same name again without --resume_training is refused, not overwritten
     assert bench_main.main(argv) == bench_main.EXIT_CONFIG_ERROR

@@ -1,7 +1,9 @@
 """A tiny plain-vs-LoOp comparison: table, CSV, PNG, and reruns that skip."""
 
 import csv
+import json
 
+import numpy as np
 import pytest
 
 from pml_loop.bench import compare
@@ -12,6 +14,20 @@ def config_root(tmp_path):
     return write_tiny_config_folders(tmp_path / "configs")
 
 
+RUN_ORDER = [("triplet", 0), ("loop_triplet", 0), ("triplet", 1), ("loop_triplet", 1)]  # seeds outer
+MAP_AT_R = "mean_average_precision_at_r"
+
+
+def best_test_map_at_r(experiment_dir):
+    """What the experiment itself logged, to check the comparison reports it."""
+    meta = json.loads((experiment_dir / "meta_logs" / "best_accuracies.json").read_text())
+    return meta["test"][MAP_AT_R]["mean"]
+
+
+def markdown_row(markdown, loss):
+    return next(line for line in markdown.splitlines() if line.startswith(f"| {loss} |")).split(" | ")
+
+
 def test_compare_writes_table_and_plot_and_skips_on_rerun(tmp_path, config_root, capsys):
     out = tmp_path / "out"
     argv = ["--losses", "triplet", "loop_triplet", "--seeds", "0", "1",
@@ -19,29 +35,40 @@ def test_compare_writes_table_and_plot_and_skips_on_rerun(tmp_path, config_root,
             "--save_interval", "1"]  # a pass-through override
     assert compare.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "loop_triplet" in printed and "LoOp - plain" in printed
+    assert "LoOp - plain" in printed
 
-    markdown = (out / "compare_results.md").read_text()
-    assert "| loss | LoOp | R@1 | MAP@R | NMI |" in markdown
-    assert " ± " in markdown  # two seeds -> mean ± std
+    # the CSV: one line per run, in the order run, with what each experiment logged
     with open(out / "compare_results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted((r["loss"], r["seed"]) for r in rows) == [
-        ("loop_triplet", "0"), ("loop_triplet", "1"), ("triplet", "0"), ("triplet", "1")]
-    assert all(0.0 <= float(r["test_mean_average_precision_at_r"]) <= 1.0 for r in rows)
-    assert all(float(r["seconds_per_iteration"]) > 0 for r in rows)
+    assert [(r["loss"], int(r["seed"])) for r in rows] == RUN_ORDER
+    logged = {}
+    for row, (loss, seed) in zip(rows, RUN_ORDER):
+        experiment = out / f"{loss}_seed{seed}"
+        assert row["experiment_dir"] == str(experiment) and row["loop"] == str(loss.startswith("loop_"))
+        logged[loss, seed] = best_test_map_at_r(experiment)
+        assert float(row[f"test_{MAP_AT_R}"]) == pytest.approx(logged[loss, seed])
+        assert float(row["seconds_per_iteration"]) > 0
+        assert (experiment / "configs").is_dir()
+        assert (experiment / "fold_0" / "saved_csvs" / "logs.db").is_file()
+
+    # the markdown table: mean ± std over the two seeds of those values
+    markdown = (out / "compare_results.md").read_text()
+    assert "| loss | LoOp | R@1 | MAP@R | NMI |" in markdown
+    for loss in ("triplet", "loop_triplet"):
+        values = [logged[loss, 0], logged[loss, 1]]
+        cell = markdown_row(markdown, loss)[3]
+        assert cell == f"{np.mean(values):.4f} ± {np.std(values):.4f}", loss
+        assert cell in printed, loss
     png = (out / "compare_map_at_r.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    for loss in ("triplet", "loop_triplet"):
-        assert (out / f"{loss}_seed0" / "configs").is_dir()
-        assert (out / f"{loss}_seed0" / "fold_0" / "saved_csvs" / "logs.db").is_file()
 
-    # a rerun finds every run finished and only re-reports it
+    # a rerun finds every run finished and re-reports the same results in the same order
     options, passthrough = compare.parse_args(argv)
     again = compare.compare(options, passthrough)
     assert all(r.skipped for r in again)
-    assert [r.test for r in again] == [
-        r.test for r in sorted(again, key=lambda r: (r.seed, argv.index(r.loss)))]
+    assert [(r.loss, r.seed) for r in again] == RUN_ORDER
+    for r in again:
+        assert r.test[MAP_AT_R] == pytest.approx(logged[r.loss, r.seed])
 
 
 def test_aggregate_and_gains_are_plain_minus_loop():

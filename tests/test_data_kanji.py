@@ -117,8 +117,9 @@ def test_errors_name_the_problem(tmp_path, glyph_root):
         KanjiGlyphs(root=glyph_root, split="train+test")
 
 
-@pytest.mark.skipif(not shipped_glyph_path().is_file(), reason="shipped glyph file not built")
 def test_shipped_glyph_file():
+    # package data: a missing file is a packaging bug, so this fails rather than skips
+    assert shipped_glyph_path().is_file(), shipped_glyph_path()
     ds = KanjiGlyphs(split="train", num_train_classes=100, size=16)
     assert len(ds.classes) == 100 and len(ds.face_ids) >= 30
     assert ds.images.shape[1:] == (1, 16, 16)

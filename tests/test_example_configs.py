@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import pml_loop
-from pml_loop.bench.cli import make_config, parse_args
+from pml_loop.bench.cli import DEFAULT_ROOT_EXPERIMENT_FOLDER, experiment_dir, make_config, parse_args
 from pml_loop.bench.config import (
     CONFIG_FOLDERS,
     REQUIRED_KEYS,
@@ -23,6 +23,7 @@ from pml_loop.bench.config import (
     load_yaml_file,
     package_config_root,
     parse_merge_key,
+    save_config,
     validate_config,
 )
 from pml_loop.bench.registry import build, check_buildable, resolve
@@ -87,17 +88,8 @@ def test_config_validates_and_builds(combination):
     configs = load_config_folders(names, None if root == PACKAGE else root)
     cfg = configs.merged()
     validate_config(cfg, configs.provenance)
-    _skip_until_written(cfg)
     built = check_buildable(_without_uninstalled_trunk(cfg), configs.provenance)
     assert "loss_funcs.metric_loss" in built and "models.trunk" in built
-
-
-def _skip_until_written(cfg) -> None:
-    # Only while the lead and the models helper are still adding these.
-    if "LoOp" in repr(cfg) and not hasattr(pml_loop, "LoOpLoss"):
-        pytest.skip("pml_loop.LoOpLoss is not written yet")
-    if importlib.util.find_spec("pml_loop.models") is None:
-        pytest.skip("pml_loop.models is not written yet")
 
 
 def _trunk_import_path(cfg):
@@ -139,8 +131,6 @@ def test_trunk_with_missing_weights_is_checked_not_built():
 
 
 def test_loop_files_really_wrap_the_named_loss():
-    if not hasattr(pml_loop, "LoOpLoss"):
-        pytest.skip("pml_loop.LoOpLoss is not written yet")
     from pytorch_metric_learning import losses
 
     expected = {
@@ -183,12 +173,7 @@ def test_paper_examples_use_the_paper_setting():
 
 def test_default_glyph_dataset_builds_from_the_shipped_data():
     cfg = load_config_folders({}).merged()
-    try:
-        dataset = build(cfg["dataset"], where="dataset", root=None, split="train", fold=0, num_folds=4)
-    except Exception as exc:  # the shipped .npz is package data the data helper adds
-        if "kanji_glyphs.npz" in str(exc):
-            pytest.skip(f"glyph data not present: {exc}")
-        raise
+    dataset = build(cfg["dataset"], where="dataset", root=None, split="train", fold=0, num_folds=4)
     assert len(set(dataset.labels.tolist())) == 100
     image, _ = dataset[0]
     assert tuple(image.shape) == (1, 16, 16)
@@ -202,14 +187,43 @@ def _readme_commands() -> list[str]:
     return [line.strip() for line in joined.splitlines() if "python -m pml_loop.bench" in line]
 
 
-@pytest.mark.parametrize("command", _readme_commands())
-def test_readme_commands_give_valid_configs(command, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)  # the README's paths are relative to the repository
+README_COMMANDS = _readme_commands()
+
+
+def _readme_argv(command: str, tmp_path: Path) -> list[str]:
+    """The command's arguments with its placeholder paths, and the default
+    experiments folder the README's replay path points into, under tmp_path."""
     argv = shlex.split(command.split("python -m pml_loop.bench", 1)[1])
     argv = [re.sub(r"^/path/to/.*", str(tmp_path / "data"), a) for a in argv]
-    namespace, overrides = parse_args([*argv, "--root_experiment_folder", str(tmp_path)])
-    if namespace.reproduce_results or namespace.resume_training or namespace.evaluate:
-        pytest.skip("needs an earlier run")
+    argv = [re.sub(rf"^{DEFAULT_ROOT_EXPERIMENT_FOLDER}/", f"{tmp_path}/", a) for a in argv]
+    return [*argv, "--root_experiment_folder", str(tmp_path)]
+
+
+def _reads_a_saved_config(namespace) -> bool:
+    return bool(namespace.reproduce_results or namespace.resume_training or namespace.evaluate)
+
+
+def _save_configs_of_earlier_commands(command: str, tmp_path: Path) -> None:
+    """Resuming, evaluating and replaying read the config an earlier README
+    command saved: save those configs as the runner does before training,
+    as if the README had been followed from the top."""
+    for earlier in README_COMMANDS[: README_COMMANDS.index(command)]:
+        namespace, overrides = parse_args(_readme_argv(earlier, tmp_path))
+        if not _reads_a_saved_config(namespace):
+            cfg, provenance = make_config(namespace, overrides)
+            save_config(cfg, provenance, experiment_dir(namespace))
+
+
+def test_readme_has_commands_of_each_kind():
+    # so that the test below covers fresh runs and runs that need an earlier one
+    kinds = {_reads_a_saved_config(parse_args(_readme_argv(c, Path("/tmp")))[0]) for c in README_COMMANDS}
+    assert kinds == {True, False}
+
+
+@pytest.mark.parametrize("command", README_COMMANDS)
+def test_readme_commands_give_valid_configs(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the README's paths are relative to the repository
+    _save_configs_of_earlier_commands(command, tmp_path)
+    namespace, overrides = parse_args(_readme_argv(command, tmp_path))
     cfg, provenance = make_config(namespace, overrides)
-    _skip_until_written(cfg)
     check_buildable(_without_uninstalled_trunk(cfg), provenance)

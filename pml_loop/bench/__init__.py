@@ -8,3 +8,8 @@ and ``python -m pml_loop.bench.compare`` (plain vs LoOp losses). Modules:
 `compare` and `plots`. Submodules are not imported here, so importing the
 package stays cheap and a CLI error never waits on torch.
 """
+
+from .._extras import RUNNER_MODULES, require_bench_extra
+
+# Fail here, with the pip command, rather than halfway into a run.
+require_bench_extra("the benchmark runner (pml_loop.bench)", RUNNER_MODULES)

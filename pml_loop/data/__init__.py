@@ -7,6 +7,11 @@
 - :mod:`transforms`: PIL/torch image transforms (no torchvision).
 """
 
+from .._extras import DATA_MODULES, require_bench_extra
+
+# Fail with the pip command rather than on a bare "No module named 'PIL'".
+require_bench_extra("pml_loop.data", DATA_MODULES)
+
 from . import transforms
 from .cars196 import Cars196
 from .cub import CUB200
