@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .functional import Geometry, PairWeights, QuadGram, candidate_scores, candidate_weights, measure_at
+from .functional.loop import CANDIDATE_SWAPS, measure_partials
 from .pairs import PairTable
 
 #: Pair combinations searched at once (one block). The arc search keeps about
@@ -58,11 +59,12 @@ class GramBlocks(NamedTuple):
 
 
 class Winners(NamedTuple):
-    """Optimal pair combination of every entry, each ``(n_q, n_r)``: its query
-    pair, its reference pair and which candidate of the geometry is optimal."""
+    """Optimal pair combination of every entry (i, j), each ``(n_q, n_r)``: the
+    partner p of i and q of j whose pairs (i, p) and (j, q) realise it, and which
+    candidate of the geometry (in that orientation) is optimal."""
 
-    query_pair: Tensor
-    ref_pair: Tensor
+    partner_q: Tensor
+    partner_r: Tensor
     candidate: Tensor
 
 
@@ -81,6 +83,7 @@ class Group(NamedTuple):
     samples: ``(s,)`` sample indices, or ``None`` for every sample of the set.
     slots:   ``(s, deg)`` each sample's owned pairs as offsets in the range;
              ``stop - start`` (a padding row/column) for pairs outside it.
+    partner, flipped: ``(s, deg)`` rows of the table's (see :class:`PairTable`).
     whole:   every pair of these samples lies in the range (no padding).
     label:   the class of the range when it holds a single class, else ``None``.
     """
@@ -89,6 +92,8 @@ class Group(NamedTuple):
     stop: int
     samples: Tensor | None
     slots: Tensor
+    partner: Tensor
+    flipped: Tensor
     whole: bool
     label: int | None
 
@@ -117,7 +122,7 @@ def class_groups(table: PairTable, limit: int) -> list[Group]:
     if classes:
         spans.append((start, stop, classes, False))
     if len(spans) == 1:
-        return [Group(0, table.num_pairs, None, table.owned, True, None)]
+        return [Group(0, table.num_pairs, None, table.owned, table.partner, table.flipped, True, None)]
     pair_labels = table.labels.tolist()
     return [_group(table, a, b, pair_labels[a] if k == 1 else None, split) for a, b, k, split in spans]
 
@@ -127,7 +132,8 @@ def _group(table: PairTable, start: int, stop: int, label: int | None, split: bo
     slots = table.owned[samples] - start
     outside = (slots < 0) | (slots >= stop - start)
     whole = not split and not bool(outside.any())
-    return Group(start, stop, samples, slots.masked_fill(outside, stop - start), whole, label)
+    return Group(start, stop, samples, slots.masked_fill(outside, stop - start),
+                 table.partner[samples], table.flipped[samples], whole, label)
 
 
 class SearchPlan(NamedTuple):
@@ -151,6 +157,19 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
 
 
 # -- pass 1: search ----------------------------------------------------------------
+def best_of(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Largest value along ``dim`` and an index attaining it (the last on ties).
+
+    ``amax`` and a comparison: on the CPU, ``max`` with indices and ``argmax``
+    are 40-200x slower than ``amax`` (torch 2.13, measured).
+    """
+    val = x.amax(dim, keepdim=True)
+    shape = [1] * x.ndim
+    shape[dim] = x.shape[dim]
+    steps = torch.arange(x.shape[dim], dtype=x.dtype, device=x.device).view(shape)
+    return val.squeeze(dim), torch.where(x == val, steps, steps.new_zeros(())).amax(dim).long()
+
+
 def _block_scores(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
     """Best candidate score ``(R, C)`` (larger is better, see ``candidate_scores``)
     of R query pairs against C reference pairs, and which candidate it is."""
@@ -160,56 +179,83 @@ def _block_scores(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geome
     cross = g.qr.index_select(0, rows).index_select(1, cols)  # (2R, 2C): one gather for all
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
     q = QuadGram(
-        dq[ends_q[:, 0]].unsqueeze(1), g.qq[ends_q[:, 0], ends_q[:, 1]].unsqueeze(1), dq[ends_q[:, 1]].unsqueeze(1),
-        dr[ends_r[:, 0]].unsqueeze(0), g.rr[ends_r[:, 0], ends_r[:, 1]].unsqueeze(0), dr[ends_r[:, 1]].unsqueeze(0),
+        dq[ends_q[:, 0]].unsqueeze(1), _pair_gram(g.qq, ends_q).unsqueeze(1), dq[ends_q[:, 1]].unsqueeze(1),
+        dr[ends_r[:, 0]].unsqueeze(0), _pair_gram(g.rr, ends_r).unsqueeze(0), dr[ends_r[:, 1]].unsqueeze(0),
         cross[:R, :C], cross[:R, C:], cross[R:, :C], cross[R:, C:],
     )
-    return candidate_scores(q, geometry).max(0)
+    return best_of(candidate_scores(q, geometry), 0)
 
 
-def _reduce_block(scores: Tensor, row: Group, col: Group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Block scores ``(R, C)`` -> per (row sample, column sample) the best score,
-    its query pair and reference pair, each ``(s_q, s_r)``, and the flat index
-    of that combination in the block."""
+def _pair_gram(gram: Tensor, ends: Tensor) -> Tensor:
+    return gram.reshape(-1).take(ends[:, 0] * gram.shape[1] + ends[:, 1])
+
+
+def _select(x: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``x`` indexed along ``dim`` by an index of any shape (a flat index_select:
+    on the CPU several times faster than advanced indexing)."""
+    out = x.index_select(dim, index.reshape(-1))
+    return out.view(*x.shape[:dim], *index.shape, *x.shape[dim + 1:])
+
+
+def _reduce_block(scores: Tensor, which: Tensor, row: Group, col: Group, swaps: Tensor) -> tuple[Tensor, Winners]:
+    """Block scores and candidates ``(R, C)`` -> per (row sample, column sample)
+    the best score and its winner, each ``(s_q, s_r)``."""
     width = scores.shape[1]
     if not col.whole:  # padding column for pairs outside the block
         scores = torch.cat((scores, scores.new_full((scores.shape[0], 1), float("-inf"))), 1)
-    val, ref_slot = scores[:, col.slots].max(-1)  # (R, s_r, deg_r) -> (R, s_r)
+    val, r_slot = best_of(_select(scores, 1, col.slots), 2)  # (R, s_r, deg_r) -> (R, s_r)
     if not row.whole:
         val = torch.cat((val, val.new_full((1, val.shape[1]), float("-inf"))), 0)
-    val, q_slot = val[row.slots].max(1)  # (s_q, deg_q, s_r) -> (s_q, s_r)
+    val, q_slot = best_of(_select(val, 0, row.slots), 1)  # (s_q, deg_q, s_r) -> (s_q, s_r)
     q_local = row.slots.gather(1, q_slot).clamp_max(row.stop - row.start - 1)
-    r_slot = ref_slot.gather(0, q_local)  # the reference slot that won for that query pair
+    r_slot = r_slot.gather(0, q_local)  # the slot of j that won for that pair of i
     r_local = col.slots.T.gather(0, r_slot).clamp_max(width - 1)
-    return val, q_local + row.start, r_local + col.start, q_local * width + r_local
+    # The block's candidate index is for the pairs as stored; turn it to (i, p | j, q).
+    swap = row.flipped.gather(1, q_slot) * 2 + col.flipped.T.gather(0, r_slot)
+    stored = which.view(-1).take(q_local * width + r_local)
+    winners = Winners(row.partner.gather(1, q_slot), col.partner.T.gather(0, r_slot),
+                      swaps.view(-1).take(swap * swaps.shape[1] + stored))
+    return val, winners
+
+
+def _swap_table(geometry: Geometry, device) -> Tensor:
+    """``(4, k)``: candidate index after swapping neither pair, the second, the
+    first, or both (row ``2 * first + second``)."""
+    first, second = CANDIDATE_SWAPS[geometry]
+    k = len(first)
+    rows = [list(range(k)), list(second), list(first), [second[first[c]] for c in range(k)]]
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
 def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geometry: Geometry,
                    plan: SearchPlan) -> Winners:
-    """Best (query pair, reference pair) of every entry (i, j) of different classes
-    (entries of one class get an arbitrary valid combination)."""
+    """Best pair combination of every entry (i, j) of different classes (entries
+    of one class get a valid but meaningless winner)."""
     g = GramBlocks(*(x.detach() for x in g))
+    swaps = _swap_table(geometry, g.qr.device)
     n_q, n_r = table_q.owned.shape[0], table_r.owned.shape[0]
     if len(plan.rows) == 1 and len(plan.cols) == 1 and plan.rows[0].samples is None and plan.cols[0].samples is None:
         scores, which = _block_scores(g, table_q.ends, table_r.ends, geometry)
-        _, qp, rp, flat = _reduce_block(scores, plan.rows[0], plan.cols[0])
-        return Winners(qp, rp, which.view(-1).take(flat))
+        return _reduce_block(scores, which, plan.rows[0], plan.cols[0], swaps)[1]
     best = g.qr.new_full((n_q, n_r), float("-inf"))
-    out = [torch.zeros(n_q, n_r, dtype=torch.long, device=g.qr.device) for _ in range(3)]
+    # Winners of entries no block reaches (one class): the sample itself, corner 0.
+    out = Winners(torch.arange(n_q, device=g.qr.device)[:, None].repeat(1, n_r),
+                  torch.arange(n_r, device=g.qr.device)[None, :].repeat(n_q, 1),
+                  torch.zeros(n_q, n_r, dtype=torch.long, device=g.qr.device))
     for row in plan.rows:
         i = _samples(row, n_q, g.qr.device)
         for col in plan.cols:
             if row.label is not None and row.label == col.label:
                 continue  # one class on both sides: no negative entry here
             scores, which = _block_scores(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry)
-            val, q_pair, r_pair, flat = _reduce_block(scores, row, col)
+            val, new = _reduce_block(scores, which, row, col, swaps)
             at = (i[:, None], _samples(col, n_r, g.qr.device)[None, :])
             better = val > best[at]
             best[at] = torch.where(better, val, best[at])
-            for o, new in zip(out, (q_pair, r_pair, which.view(-1).take(flat))):
-                o[at] = torch.where(better, new, o[at])
-    return Winners(*out)
+            for o, n in zip(out, new):
+                o[at] = torch.where(better, n, o[at])
+    return out
 
 
 def _samples(group: Group, n: int, device) -> Tensor:
@@ -217,78 +263,85 @@ def _samples(group: Group, n: int, device) -> Tensor:
 
 
 # -- pass 2: measure -----------------------------------------------------------------
-def _winner_quad_gram(g: GramBlocks, table_q: PairTable, table_r: PairTable, qp: Tensor, rp: Tensor) -> QuadGram:
-    """QuadGram of the winning combinations ``qp``, ``rp`` (any common shape)."""
-    eq, er = table_q.ends[qp], table_r.ends[rp]  # (..., 2)
-    a, b, c, d = eq[..., 0], eq[..., 1], er[..., 0], er[..., 1]
-
-    def take(mat: Tensor, rows: tuple, cols: tuple) -> list[Tensor]:
-        flat = torch.stack(rows) * mat.shape[1] + torch.stack(cols)
-        return list(mat.reshape(-1).take(flat).unbind(0))
-
-    if g.same_set:
-        return QuadGram(*take(g.qr, (a, a, b, c, c, d, a, a, b, b), (a, b, b, c, d, d, c, d, c, d)))
-    return QuadGram(*take(g.qq, (a, a, b), (a, b, b)), *take(g.rr, (c, c, d), (c, d, d)),
-                    *take(g.qr, (a, a, b, b), (c, d, c, d)))
+def _entry_quad_gram(g: GramBlocks, w: Winners, a: int, b: int) -> QuadGram:
+    """QuadGram of (x_i, x_p | x_j, x_q) for the entries of rows ``a:b``, each
+    ``(b - a, n_r)`` (or broadcasting to it): gathers along rows and columns."""
+    p, q = w.partner_q[a:b], w.partner_r[a:b]
+    dq, dr = g.qq.diagonal(), g.rr.diagonal()
+    return QuadGram(
+        dq[a:b].unsqueeze(1), g.qq[a:b].gather(1, p), dq.take(p),
+        dr.unsqueeze(0), g.rr.gather(0, q), dr.take(q),
+        g.qr[a:b], g.qr[a:b].gather(1, q), g.qr.gather(0, p), g.qr.reshape(-1).take(p * g.qr.shape[1] + q),
+    )
 
 
-def _row_chunks(n_q: int, n_r: int, chunk_elements: int):
+def _add_partials(d: GramBlocks, w: Winners, a: int, b: int, parts: QuadGram) -> None:
+    """Add the gradient of rows ``a:b`` of the entries to the Gram blocks: the
+    transpose of each gather of :func:`_entry_quad_gram`."""
+    p, q = w.partner_q[a:b], w.partner_r[a:b]
+    dq, dr = d.qq.diagonal(), d.rr.diagonal()
+    if parts.g11 is not None:
+        dq[a:b] += parts.g11.sum(1)
+        d.qq[a:b].scatter_add_(1, p, parts.g12)
+        dq.index_add_(0, p.reshape(-1), parts.g22.reshape(-1))
+        dr += parts.g33.sum(0)
+        d.rr.scatter_add_(0, q, parts.g34)
+        dr.index_add_(0, q.reshape(-1), parts.g44.reshape(-1))
+    d.qr[a:b] += parts.g13
+    d.qr[a:b].scatter_add_(1, q, parts.g14)
+    d.qr.scatter_add_(0, p, parts.g23)
+    d.qr.view(-1).index_add_(0, (p * d.qr.shape[1] + q).reshape(-1), parts.g24.reshape(-1))
+
+
+def _row_chunks(n_q: int, n_r: int, chunk_elements: int) -> list[tuple[int, int]]:
     rows = max(1, chunk_elements // max(n_r, 1))
     return [(a, min(a + rows, n_q)) for a in range(0, n_q, rows)]
 
 
 class _MeasureAtOptimum(torch.autograd.Function):
     """Measure of every entry at its winner's optimal weights; the gradient is
-    that of the measure at the fixed weights (Danskin), computed chunk by chunk
-    so that no temporaries of all entries are kept for the backward pass."""
+    that of the measure at the fixed weights (Danskin), chunk by chunk, so that
+    nothing of the size of all entries is kept but the winners and weights."""
 
     @staticmethod
-    def forward(ctx, qq, rr, qr, table_q, table_r, winners, geometry, chunk_elements):
+    def forward(ctx, qq, rr, qr, winners, geometry, chunk_elements):
         g = GramBlocks(qq, qq, qq) if (qq is rr and rr is qr) else GramBlocks(qq, rr, qr)
-        n_q, n_r = winners.query_pair.shape
-        out = qr.new_empty(n_q, n_r)
-        weights = qr.new_empty(4, n_q, n_r)
-        for a, b in _row_chunks(n_q, n_r, chunk_elements):
-            q = _winner_quad_gram(g, table_q, table_r, winners.query_pair[a:b], winners.ref_pair[a:b])
+        n_q, n_r = winners.partner_q.shape
+        chunks = _row_chunks(n_q, n_r, chunk_elements)
+        out, weights = [], []
+        for a, b in chunks:
+            q = _entry_quad_gram(g, winners, a, b)
             w = candidate_weights(q, winners.candidate[a:b], geometry)
-            out[a:b] = measure_at(q, w, geometry)
-            weights[:, a:b] = torch.stack(torch.broadcast_tensors(*w))
-        ctx.same_set = g.same_set
-        ctx.meta = (table_q, table_r, geometry, chunk_elements)
-        ctx.save_for_backward(qq, rr, qr, winners.query_pair, winners.ref_pair, weights)
-        return out
+            out.append(measure_at(q, w, geometry))
+            weights.append(w)
+        ctx.same_set, ctx.geometry, ctx.chunks, ctx.winners = g.same_set, geometry, chunks, winners
+        ctx.single = q if len(chunks) == 1 else None  # one chunk: keep its inner products
+        ctx.weights = weights
+        ctx.save_for_backward(qq, rr, qr)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qq, rr, qr, qp, rp, weights = ctx.saved_tensors
-        table_q, table_r, geometry, chunk_elements = ctx.meta
+        qq, rr, qr = ctx.saved_tensors
         g = GramBlocks(qq, qq, qq) if ctx.same_set else GramBlocks(qq, rr, qr)
-        d_qq, d_rr, d_qr = torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr)
-        n_q, n_r = qp.shape
-        for a, b in _row_chunks(n_q, n_r, chunk_elements):
-            eq, er = table_q.ends[qp[a:b]], table_r.ends[rp[a:b]]
-            i1, i2, j1, j2 = eq[..., 0], eq[..., 1], er[..., 0], er[..., 1]
-            with torch.enable_grad():
-                q = QuadGram(*(x.detach().requires_grad_() for x in _winner_quad_gram(g, table_q, table_r, qp[a:b], rp[a:b])))
-                value = measure_at(q, PairWeights(*weights[:, a:b]), geometry)
-                parts = torch.autograd.grad(value, q, grad_out[a:b], allow_unused=True)
-            parts = [torch.zeros_like(value) if p is None else p for p in parts]
-            _scatter(d_qq, (i1, i1, i2), (i1, i2, i2), parts[0:3])
-            _scatter(d_rr, (j1, j1, j2), (j1, j2, j2), parts[3:6])
-            _scatter(d_qr, (i1, i1, i2, i2), (j1, j2, j1, j2), parts[6:10])
-        if ctx.same_set:  # one matrix passed three times: give it all the gradient once
-            d_qr += d_qq + d_rr
-            return None, None, d_qr, None, None, None, None, None
-        return d_qq, d_rr, d_qr, None, None, None, None, None
+        if ctx.same_set:
+            d_qr = torch.zeros_like(qr)
+            d = GramBlocks(d_qr, d_qr, d_qr)
+        else:
+            d = GramBlocks(torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr))
+        for (a, b), w in zip(ctx.chunks, ctx.weights):
+            q = ctx.single if ctx.single is not None else _entry_quad_gram(g, ctx.winners, a, b)
+            parts = measure_partials(q, w, ctx.geometry)
+            grad = grad_out[a:b]
+            parts = QuadGram(*(None if x is None else (x * grad).expand_as(grad) for x in parts))
+            _add_partials(d, ctx.winners, a, b, parts)
+        if ctx.same_set:  # one matrix passed three times: give it the whole gradient once
+            return None, None, d.qr, None, None, None
+        return d.qq, d.rr, d.qr, None, None, None
 
 
-def _scatter(target: Tensor, rows: tuple, cols: tuple, values) -> None:
-    flat = torch.stack(rows) * target.shape[1] + torch.stack(cols)
-    target.view(-1).index_add_(0, flat.reshape(-1), torch.stack(values).reshape(-1))
-
-
-def measure_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, winners: Winners,
-                    geometry: Geometry, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
+def measure_winners(g: GramBlocks, winners: Winners, geometry: Geometry,
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
     """``(n_q, n_r)`` measure (squared distance, cosine or dot product) of each
     entry's winner, with gradient to the Gram blocks."""
-    return _MeasureAtOptimum.apply(g.qq, g.rr, g.qr, table_q, table_r, winners, geometry, chunk_elements)
+    return _MeasureAtOptimum.apply(g.qq, g.rr, g.qr, winners, geometry, chunk_elements)

@@ -214,15 +214,8 @@ class LoOpDistance(BaseDistance):
         pairs (i, p) and (j, q) realise entry (i, j) of the last matrix."""
         if self._shared is None:
             return None
-        st, w = self._shared.structure, self._shared.winners
-        ends_q = st.table_q.ends[w.query_pair]
-        ends_r = st.table_r.ends[w.ref_pair]
-        rows = torch.arange(ends_q.shape[0], device=ends_q.device)[:, None]
-        cols = torch.arange(ends_r.shape[1], device=ends_r.device)[None, :]
-        # A pair is stored as (e0, e1); the partner is the end that is not the owner.
-        p = torch.where(ends_q[..., 0] == rows, ends_q[..., 1], ends_q[..., 0])
-        q = torch.where(ends_r[..., 0] == cols, ends_r[..., 1], ends_r[..., 0])
-        return p, q
+        w = self._shared.winners
+        return w.partner_q, w.partner_r
 
     # -- internals ---------------------------------------------------------------
     def _labels_for(self, query: Tensor, ref: Tensor, same_set: bool) -> tuple[Tensor, Tensor]:
@@ -266,8 +259,7 @@ class LoOpDistance(BaseDistance):
             s = _Search(keys, st, search_winners(g, st.table_q, st.table_r, self.geometry, st.plan))
             if self._share_depth > 0:
                 self._shared = s
-        st = s.structure
-        measure = measure_winners(g, st.table_q, st.table_r, s.winners, self.geometry, self.chunk_elements)
+        measure = measure_winners(g, s.winners, self.geometry, self.chunk_elements)
         loop = self._to_base_units(measure)
         # The optimum includes the endpoints; min/max with the base value makes
         # "never farther than the plain distance" exact despite rounding.

@@ -38,12 +38,16 @@ def arc_cosine(q: QuadGram, w: PairWeights) -> Tensor:
     Differentiable in ``q`` at fixed weights (Danskin); scale-invariant in the
     inputs, so it is correct for inputs that are only nearly unit.
     """
-    a1, a2, b1, b2 = w
-    num = a1 * b1 * q.g13 + a1 * b2 * q.g14 + a2 * b1 * q.g23 + a2 * b2 * q.g24
-    na = _norm_sq(a1, a2, q.g11, q.g12, q.g22)
-    nb = _norm_sq(b1, b2, q.g33, q.g34, q.g44)
+    num, na, nb = arc_terms(q, w)
     tiny = torch.finfo(num.dtype).tiny
     return (num * torch.rsqrt((na * nb).clamp_min(tiny))).clamp(-1, 1)
+
+
+def arc_terms(q: QuadGram, w: PairWeights) -> tuple[Tensor, Tensor, Tensor]:
+    """p.q before normalisation and the squared norms of the two weighted points."""
+    a1, a2, b1, b2 = w
+    num = a1 * b1 * q.g13 + a1 * b2 * q.g14 + a2 * b1 * q.g23 + a2 * b2 * q.g24
+    return num, _norm_sq(a1, a2, q.g11, q.g12, q.g22), _norm_sq(b1, b2, q.g33, q.g34, q.g44)
 
 
 def arc_squared_chord(q: QuadGram, w: PairWeights) -> Tensor:
@@ -61,7 +65,7 @@ def _planes(g12: Tensor) -> tuple[Tensor, Tensor]:
     removes the candidates needing its plane."""
     det = 1 - g12 * g12
     flat = det <= 1e3 * torch.finfo(det.dtype).eps
-    return det.masked_fill(flat, float("inf")).reciprocal(), flat * _NONE
+    return det.masked_fill(flat, float("inf")).reciprocal(), flat.to(det.dtype) * _NONE
 
 
 def _edge_weights(y1: Tensor, y2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,10 +74,11 @@ def _edge_weights(y1: Tensor, y2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return y1 - c * y2, y2 - c * y1
 
 
-def _edge_cosine(y1: Tensor, y2: Tensor, w: tuple[Tensor, Tensor], inv_det: Tensor, penalty: Tensor) -> Tensor:
+def _edge_cosine(y1: Tensor, y2: Tensor, w: tuple[Tensor, Tensor], inv_det: Tensor, penalty: Tensor,
+                 none: Tensor) -> Tensor:
     # cos(y, projection) = sqrt(y^T adj y / det).
     cos = ((y1 * w[0] + y2 * w[1]) * inv_det).clamp_min(0).sqrt()
-    return torch.where(torch.minimum(w[0], w[1]) < 0, _NONE, cos + penalty)
+    return torch.where(torch.minimum(w[0], w[1]) < 0, none, cos + penalty)
 
 
 def _interior(g12, g34, g13, g14, g23, g24) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -103,44 +108,57 @@ def arc_candidate_cosines(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g2
     """
     inv_a, pen_a = _planes(g12)
     inv_b, pen_b = _planes(g34)
+    none = g13.new_full((), _NONE)  # a tensor: a Python scalar costs conversions per call
     # Edges: x1 or x2 against arc B; x3 or x4 against arc A.
-    e1 = _edge_cosine(g13, g14, _edge_weights(g13, g14, g34), inv_b, pen_b)
-    e2 = _edge_cosine(g23, g24, _edge_weights(g23, g24, g34), inv_b, pen_b)
-    e3 = _edge_cosine(g13, g23, _edge_weights(g13, g23, g12), inv_a, pen_a)
-    e4 = _edge_cosine(g14, g24, _edge_weights(g14, g24, g12), inv_a, pen_a)
+    e1 = _edge_cosine(g13, g14, _edge_weights(g13, g14, g34), inv_b, pen_b, none)
+    e2 = _edge_cosine(g23, g24, _edge_weights(g23, g24, g34), inv_b, pen_b, none)
+    e3 = _edge_cosine(g13, g23, _edge_weights(g13, g23, g12), inv_a, pen_a, none)
+    e4 = _edge_cosine(g14, g24, _edge_weights(g14, g24, g12), inv_a, pen_a, none)
     mu, (a1, a2, b1, b2) = _interior(g12, g34, g13, g14, g23, g24)
     # (l, R l) has p.q >= 0, so only a common sign flip is allowed; a zero
     # vector has no direction.
     lo = torch.minimum(torch.minimum(a1, a2), torch.minimum(b1, b2))
     hi = torch.maximum(torch.maximum(a1, a2), torch.maximum(b1, b2))
     off = (lo * hi < 0) | (a1 * a1 + a2 * a2 == 0) | (b1 * b1 + b2 * b2 == 0)
-    interior = torch.where(off, _NONE, (mu * inv_a * inv_b).clamp_min(0).sqrt() + (pen_a + pen_b))
+    interior = torch.where(off, none, (mu * inv_a * inv_b).clamp_min(0).sqrt() + (pen_a + pen_b))
     return torch.stack(torch.broadcast_tensors(g13, g14, g23, g24, e1, e2, e3, e4, interior))
+
+
+#: Weights (a1, a2, b1, b2) of the corner candidates and the fixed endpoint of
+#: the edge candidates (see :func:`arc_candidate_weights`); 0 where computed.
+_FIXED_WEIGHTS = (
+    (1, 1, 0, 0, 1, 0, 0, 0, 0),
+    (0, 0, 1, 1, 0, 1, 0, 0, 0),
+    (1, 0, 1, 0, 0, 0, 1, 0, 0),
+    (0, 1, 0, 1, 0, 0, 0, 1, 0),
+)
 
 
 def arc_candidate_weights(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g23: Tensor, g24: Tensor,
                           which: Tensor) -> PairWeights:
     """Conic weights of candidate ``which`` (0-3 corners, 4-7 edges, 8 interior;
     the order of :func:`arc_candidate_cosines`), each pair summing to 1."""
-    one, zero = torch.ones_like(g13), torch.zeros_like(g13)
     e1 = _edge_weights(g13, g14, g34)
     e2 = _edge_weights(g23, g24, g34)
     e3 = _edge_weights(g13, g23, g12)
     e4 = _edge_weights(g14, g24, g12)
-    _, (a1, a2, b1, b2) = _interior(g12, g34, g13, g14, g23, g24)
-    options = (
-        (one, one, zero, zero, one, zero, e3[0], e4[0], a1.abs()),
-        (zero, zero, one, one, zero, one, e3[1], e4[1], a2.abs()),
-        (one, zero, one, zero, e1[0], e2[0], one, zero, b1.abs()),
-        (zero, one, zero, one, e1[1], e2[1], zero, one, b2.abs()),
-    )
-    w1, w2, w3, w4 = (torch.stack(torch.broadcast_tensors(*o)).gather(0, which.unsqueeze(0)).squeeze(0).clamp_min(0)
-                      for o in options)
+    _, interior = _interior(g12, g34, g13, g14, g23, g24)
+    fixed = torch.tensor(_FIXED_WEIGHTS, dtype=g13.dtype, device=g13.device)
+    is_ = [which == k for k in range(4, 9)]
+    # The first pair's weights are computed for candidates 6, 7 (edges on arc A),
+    # the second pair's for 4, 5 (edges on arc B); both for the interior (8).
+    computed = ((6, e3[0], 7, e4[0]), (6, e3[1], 7, e4[1]), (4, e1[0], 5, e2[0]), (4, e1[1], 5, e2[1]))
+    w = []
+    for k, (c1, x1, c2, x2) in enumerate(computed):
+        v = fixed[k].take(which)
+        v = torch.where(is_[c1 - 4], x1, v)
+        v = torch.where(is_[c2 - 4], x2, v)
+        w.append(torch.where(is_[4], interior[k].abs(), v).clamp_min(0))
     # Defined up to scale; projections can be tiny (1e-20) and would make the
     # measured cosine's gradient overflow. Make each pair sum to 1.
-    tiny = torch.finfo(w1.dtype).tiny
-    sa, sb = (w1 + w2).clamp_min(tiny), (w3 + w4).clamp_min(tiny)
-    return PairWeights(w1 / sa, w2 / sa, w3 / sb, w4 / sb)
+    tiny = torch.finfo(g13.dtype).tiny
+    sa, sb = (w[0] + w[1]).clamp_min(tiny), (w[2] + w[3]).clamp_min(tiny)
+    return PairWeights(w[0] / sa, w[1] / sa, w[2] / sb, w[3] / sb)
 
 
 @torch.no_grad()

@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .arcs import arc_angles, arc_candidate_cosines, arc_candidate_weights, arc_cosine, arc_squared_chord
+from .arcs import arc_angles, arc_candidate_cosines, arc_candidate_weights, arc_cosine, arc_squared_chord, arc_terms
 from .gram import PairWeights, QuadGram, quad_gram
-from .segments import segment_candidates, segment_squared_distance, segment_weights
+from .segments import measure_raw_segment, segment_candidates, segment_squared_distance, segment_weights
 
 Geometry = Literal["segment", "arc", "dot"]
 GEOMETRIES = ("segment", "arc", "dot")
@@ -78,6 +78,47 @@ def measure_at(q: QuadGram, w: PairWeights, geometry: Geometry) -> Tensor:
     if geometry == "dot":
         return _dot_at(q, w)
     raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
+
+
+@torch.no_grad()
+def measure_partials(q: QuadGram, w: PairWeights, geometry: Geometry) -> QuadGram:
+    """Partial derivatives of :func:`measure_at` with respect to each field of
+    ``q`` at fixed weights (what its autograd gives, without keeping a graph);
+    fields that the measure does not read are ``None``."""
+    a1, a2, b1, b2 = w
+    if geometry == "dot":
+        return QuadGram(None, None, None, None, None, None, a1 * b1, a1 * b2, a2 * b1, a2 * b2)
+    if geometry == "segment":
+        m = (measure_raw_segment(q, w) >= 0).to(a1.dtype)  # clamp_min(0) passes the gradient there
+        ma1, ma2, mb1, mb2 = m * a1, m * a2, m * b1, m * b2
+        return QuadGram(ma1 * a1, 2 * ma1 * a2, ma2 * a2, mb1 * b1, 2 * mb1 * b2, mb2 * b2,
+                        -2 * ma1 * b1, -2 * ma1 * b2, -2 * ma2 * b1, -2 * ma2 * b2)
+    if geometry == "arc":
+        num, na, nb = arc_terms(q, w)
+        prod = na * nb
+        tiny = torch.finfo(num.dtype).tiny
+        r = torch.rsqrt(prod.clamp_min(tiny))
+        raw = num * r
+        inside = (raw.abs() <= 1).to(num.dtype)  # clamp(-1, 1) passes the gradient there
+        dn = inside * r  # d cos / d num
+        # d cos / d na = -num r^3 nb / 2 (0 where the product was clamped)
+        dr = inside * (prod >= tiny).to(num.dtype) * (-0.5 * num * r * r * r)
+        da, db = dr * nb, dr * na
+        return QuadGram(da * a1 * a1, 2 * da * a1 * a2, da * a2 * a2, db * b1 * b1, 2 * db * b1 * b2, db * b2 * b2,
+                        dn * a1 * b1, dn * a1 * b2, dn * a2 * b1, dn * a2 * b2)
+    raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
+
+
+#: How candidate indices move when the ends of the first pair (x1, x2), or of
+#: the second (x3, x4), are swapped: a permutation of the candidates of each
+#: geometry (see ``candidate_scores``).
+CANDIDATE_SWAPS = {
+    # corners 13 14 23 24, edges x1|B x2|B x3|A x4|A, interior
+    "arc": ((2, 3, 0, 1, 5, 4, 6, 7, 8), (1, 0, 3, 2, 4, 5, 7, 6, 8)),
+    # s = 0, s = 1 (t free), t = 0, t = 1 (s free), interior
+    "segment": ((1, 0, 2, 3, 4), (0, 1, 3, 2, 4)),
+    "dot": ((2, 3, 0, 1), (1, 0, 3, 2)),
+}
 
 
 def _check_inputs(xs: tuple[Tensor, ...], sphere: bool) -> None:

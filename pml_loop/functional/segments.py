@@ -59,8 +59,10 @@ def segment_candidates(q: QuadGram) -> tuple[Tensor, Tensor, Tensor]:
     t_in = (a * e - b * d) / safe_det
     inside = well_posed & (s_in >= 0) & (s_in <= 1) & (t_in >= 0) & (t_in <= 1)
     s = torch.stack(torch.broadcast_tensors(*s_edges, torch.where(inside, s_in, zero)))
-    t = torch.stack(torch.broadcast_tensors(*t_edges, torch.where(inside, t_in, t_edges[0])))
+    t = torch.stack(torch.broadcast_tensors(*t_edges, torch.where(inside, t_in, zero)))
     sq = a * s * s + c * t * t - 2 * b * s * t + 2 * d * s - 2 * e * t + f
+    # An interior point outside the square is no candidate (never a tie to break).
+    sq[4].masked_fill_(~inside, float("inf"))
     return s, t, sq
 
 
@@ -85,10 +87,14 @@ def segment_weights(s: Tensor, t: Tensor) -> PairWeights:
 
 def segment_squared_distance(q: QuadGram, w: PairWeights) -> Tensor:
     """|w.a1 x1 + w.a2 x2 - w.b1 x3 - w.b2 x4|^2 at fixed weights, differentiable in ``q``."""
+    return measure_raw_segment(q, w).clamp_min(0)
+
+
+def measure_raw_segment(q: QuadGram, w: PairWeights) -> Tensor:
+    """The same squared distance from inner products, before clamping rounding below 0."""
     a1, a2, b1, b2 = w
-    sq = (
+    return (
         a1 * a1 * q.g11 + 2 * a1 * a2 * q.g12 + a2 * a2 * q.g22
         + b1 * b1 * q.g33 + 2 * b1 * b2 * q.g34 + b2 * b2 * q.g44
         - 2 * (a1 * b1 * q.g13 + a1 * b2 * q.g14 + a2 * b1 * q.g23 + a2 * b2 * q.g24)
     )
-    return sq.clamp_min(0)
