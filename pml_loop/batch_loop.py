@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .functional import Geometry, PairWeights, QuadGram, candidate_scores, candidate_weights, measure_at
+from .functional.compiled import maybe_compiled
 from .functional.loop import CANDIDATE_SWAPS, measure_partials
 from .pairs import PairTable
 
@@ -229,14 +230,15 @@ def _swap_table(geometry: Geometry, device) -> Tensor:
 
 @torch.no_grad()
 def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geometry: Geometry,
-                   plan: SearchPlan) -> Winners:
+                   plan: SearchPlan, compile: bool = False) -> Winners:
     """Best pair combination of every entry (i, j) of different classes (entries
     of one class get a valid but meaningless winner)."""
     g = GramBlocks(*(x.detach() for x in g))
     swaps = _swap_table(geometry, g.qr.device)
     n_q, n_r = table_q.owned.shape[0], table_r.owned.shape[0]
+    block_scores = maybe_compiled(_block_scores, compile)
     if len(plan.rows) == 1 and len(plan.cols) == 1 and plan.rows[0].samples is None and plan.cols[0].samples is None:
-        scores, which = _block_scores(g, table_q.ends, table_r.ends, geometry)
+        scores, which = block_scores(g, table_q.ends, table_r.ends, geometry)
         return _reduce_block(scores, which, plan.rows[0], plan.cols[0], swaps)[1]
     best = g.qr.new_full((n_q, n_r), float("-inf"))
     # Winners of entries no block reaches (one class): the sample itself, corner 0.
@@ -248,7 +250,7 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
         for col in plan.cols:
             if row.label is not None and row.label == col.label:
                 continue  # one class on both sides: no negative entry here
-            scores, which = _block_scores(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry)
+            scores, which = block_scores(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry)
             val, new = _reduce_block(scores, which, row, col, swaps)
             at = (i[:, None], _samples(col, n_r, g.qr.device)[None, :])
             better = val > best[at]
@@ -304,17 +306,18 @@ class _MeasureAtOptimum(torch.autograd.Function):
     nothing of the size of all entries is kept but the winners and weights."""
 
     @staticmethod
-    def forward(ctx, qq, rr, qr, winners, geometry, chunk_elements):
+    def forward(ctx, qq, rr, qr, winners, geometry, chunk_elements, compile):
         g = GramBlocks(qq, qq, qq) if (qq is rr and rr is qr) else GramBlocks(qq, rr, qr)
         n_q, n_r = winners.partner_q.shape
         chunks = _row_chunks(n_q, n_r, chunk_elements)
         out, weights = [], []
+        measure = maybe_compiled(_measure_rows, compile)
         for a, b in chunks:
-            q = _entry_quad_gram(g, winners, a, b)
-            w = candidate_weights(q, winners.candidate[a:b], geometry)
-            out.append(measure_at(q, w, geometry))
+            value, w, q = measure(g, winners, a, b, geometry)
+            out.append(value)
             weights.append(w)
         ctx.same_set, ctx.geometry, ctx.chunks, ctx.winners = g.same_set, geometry, chunks, winners
+        ctx.compile = compile
         ctx.single = q if len(chunks) == 1 else None  # one chunk: keep its inner products
         ctx.weights = weights
         ctx.save_for_backward(qq, rr, qr)
@@ -329,19 +332,28 @@ class _MeasureAtOptimum(torch.autograd.Function):
             d = GramBlocks(d_qr, d_qr, d_qr)
         else:
             d = GramBlocks(torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr))
+        partials = maybe_compiled(_partials_rows, ctx.compile)
         for (a, b), w in zip(ctx.chunks, ctx.weights):
             q = ctx.single if ctx.single is not None else _entry_quad_gram(g, ctx.winners, a, b)
-            parts = measure_partials(q, w, ctx.geometry)
-            grad = grad_out[a:b]
-            parts = QuadGram(*(None if x is None else (x * grad).expand_as(grad) for x in parts))
-            _add_partials(d, ctx.winners, a, b, parts)
+            _add_partials(d, ctx.winners, a, b, partials(q, w, grad_out[a:b], ctx.geometry))
         if ctx.same_set:  # one matrix passed three times: give it the whole gradient once
-            return None, None, d.qr, None, None, None
-        return d.qq, d.rr, d.qr, None, None, None
+            return None, None, d.qr, None, None, None, None
+        return d.qq, d.rr, d.qr, None, None, None, None
+
+
+def _measure_rows(g: GramBlocks, winners: Winners, a: int, b: int, geometry: Geometry):
+    q = _entry_quad_gram(g, winners, a, b)
+    w = candidate_weights(q, winners.candidate[a:b], geometry)
+    return measure_at(q, w, geometry), w, q
+
+
+def _partials_rows(q: QuadGram, w: PairWeights, grad: Tensor, geometry: Geometry) -> QuadGram:
+    parts = measure_partials(q, w, geometry)
+    return QuadGram(*(None if x is None else (x * grad).expand_as(grad) for x in parts))
 
 
 def measure_winners(g: GramBlocks, winners: Winners, geometry: Geometry,
-                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
+                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False) -> Tensor:
     """``(n_q, n_r)`` measure (squared distance, cosine or dot product) of each
     entry's winner, with gradient to the Gram blocks."""
-    return _MeasureAtOptimum.apply(g.qq, g.rr, g.qr, winners, geometry, chunk_elements)
+    return _MeasureAtOptimum.apply(g.qq, g.rr, g.qr, winners, geometry, chunk_elements, compile)

@@ -145,6 +145,19 @@ class LoOpDistance(BaseDistance):
             list_of_names=["num_negative_entries", "avg_base_minus_loop"], is_stat=False
         )
 
+    def follow(self, distance: BaseDistance) -> None:
+        """Wrap ``distance`` (a loss's current distance), re-reading its settings,
+        so that changes made to it after construction are seen."""
+        if isinstance(distance, LoOpDistance):
+            return  # lent to the loss for the current call
+        if distance is not self.base:
+            self.geometry = geometry_of(distance)
+            self.base = distance
+        elif distance.normalize_embeddings != self.normalize_embeddings or distance.p != self.p:
+            self.geometry = geometry_of(distance)
+        self.normalize_embeddings, self.p = distance.normalize_embeddings, distance.p
+        self.power, self.is_inverted = distance.power, distance.is_inverted
+
     # -- binding ---------------------------------------------------------------
     @contextlib.contextmanager
     def bind(self, labels: Tensor | None, ref_labels: Tensor | None = None, paired: bool = False) -> Iterator["LoOpDistance"]:
@@ -256,10 +269,10 @@ class LoOpDistance(BaseDistance):
             if not st.has_negatives:
                 self._record(base, base, neg)
                 return base
-            s = _Search(keys, st, search_winners(g, st.table_q, st.table_r, self.geometry, st.plan))
+            s = _Search(keys, st, search_winners(g, st.table_q, st.table_r, self.geometry, st.plan, self.compile))
             if self._share_depth > 0:
                 self._shared = s
-        measure = measure_winners(g, s.winners, self.geometry, self.chunk_elements)
+        measure = measure_winners(g, s.winners, self.geometry, self.chunk_elements, self.compile)
         loop = self._to_base_units(measure)
         # The optimum includes the endpoints; min/max with the base value makes
         # "never farther than the plain distance" exact despite rounding.

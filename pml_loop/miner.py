@@ -54,6 +54,9 @@ class LoOpMiner(BaseMiner):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if not isinstance(distance, LoOpDistance):
             distance = LoOpDistance(distance, partners=partners, compile=compile)
+        elif partners != distance.partners:
+            raise ValueError(f"partners={partners!r} conflicts with the given LoOpDistance's "
+                             f"partners={distance.partners!r}")
         super().__init__(distance=distance, **kwargs)
         self.margin = margin
         self.type_of_tuples = type_of_tuples
@@ -66,6 +69,7 @@ class LoOpMiner(BaseMiner):
     def mine(self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor):
         if labels is None:
             raise ValueError("LoOpMiner needs labels")
+        self.distance.follow(self.distance.base)
         with self.distance.sharing():
             mat = self.distance.loop_mat(embeddings, labels, ref_emb, ref_labels)
             partners = self.distance.last_partners()

@@ -120,14 +120,22 @@ def test_ref_emb_and_ref_labels():
 def test_cross_batch_memory():
     cbm = losses.CrossBatchMemory(losses.ContrastiveLoss(), embedding_size=16, memory_size=64,
                                   miner=LoOpMiner(margin=0.5))
+    inner, miner_distance = cbm.loss, cbm.miner.distance
+    plain = copy.deepcopy(cbm)
     loss = LoOpLoss(cbm)
     for seed in range(4):
         emb, labels = _batch(seed)
         emb.requires_grad_()
-        loss(emb, labels).backward()
+        value = loss(emb, labels)
+        value.backward()
         assert torch.isfinite(emb.grad).all()
+        reference = plain(emb.detach(), labels)
+        if seed > 0:  # the memory holds earlier batches: LoOp moves its negatives
+            assert not torch.allclose(value, reference)
     assert cbm.has_been_filled
-    assert isinstance(cbm.loss, LoOpLoss) and cbm.miner.distance is loss.loop_distance
+    # The memory, its loss and its miner are given back as they were.
+    assert cbm.loss is inner and type(cbm.loss) is losses.ContrastiveLoss
+    assert cbm.miner.distance is miner_distance and cbm.loss.distance.__class__ is LpDistance
 
 
 def test_miner_shares_the_search_with_the_loss(monkeypatch):
@@ -187,7 +195,7 @@ def test_loop_reducer_modes():
 
 def test_save_deepcopy_and_record_keeper(tmp_path):
     import record_keeper as rk
-    loss = LoOpLoss(losses.MultiSimilarityLoss(), miner=LoOpMiner(), reducer=None)
+    loss = LoOpLoss(losses.MultiSimilarityLoss(), miner=LoOpMiner(distance=CosineSimilarity()), reducer=None)
     emb, labels = _batch(10)
     before = loss(emb, labels)
     clone = copy.deepcopy(loss)
@@ -243,7 +251,19 @@ def test_errors_name_the_problem():
     bad = emb.clone()
     bad[3, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        LoOpLoss(losses.ContrastiveLoss())(bad, labels)
+        LoOpLoss(losses.ContrastiveLoss(), nonfinite="raise")(bad, labels)
+    with pytest.raises(TypeError, match="embedding_regularizer.*wrapped loss"):
+        LoOpLoss(losses.ContrastiveLoss(), embedding_regularizer=object())
+    with pytest.raises(ValueError, match="ProxyAnchorLoss compares embeddings with learned"):
+        LoOpLoss(losses.ProxyAnchorLoss(num_classes=4, embedding_size=8))
+    with pytest.raises(ValueError, match="distance: loss .*CosineSimilarity.*miner .*LpDistance"):
+        LoOpLoss(losses.MultiSimilarityLoss(), miner=LoOpMiner())
+    with pytest.raises(ValueError, match="partners"):
+        LoOpLoss(losses.TripletMarginLoss(), miner=LoOpMiner(partners="hardest"))
+    with pytest.raises(ValueError, match="nonfinite"):
+        LoOpDistance(nonfinite="skip")
+    with pytest.raises(ValueError, match="chunk_elements"):
+        LoOpDistance(chunk_elements=0)
     with pytest.raises(RuntimeError, match="needs labels"):
         LoOpDistance()(emb)
     with pytest.raises(ValueError, match="partners"):
@@ -267,11 +287,8 @@ def test_degenerate_batches_have_finite_gradients():
         assert torch.isfinite(emb.grad).all()
 
 
-def test_compiled_search_matches_eager(monkeypatch):
-    """compile=True (torch.compile'd kernels, eager fallback) gives the same loss and gradient.
-    The C++ search is switched off so that the compiled PyTorch search runs."""
-    import pml_loop.batch_loop as batch_loop
-    monkeypatch.setattr(batch_loop, "can_use_native", lambda *a: False)
+def test_compiled_search_matches_eager():
+    """compile=True (torch.compile'd kernels, eager fallback) gives the same loss and gradient."""
     emb, labels = _batch(12, d=8)
     for distance in (LpDistance(), LpDistance(normalize_embeddings=False)):
         results = []
