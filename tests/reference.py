@@ -61,6 +61,13 @@ def arc_distance(x1, x2, x3, x4):
         q = np.cos(b) * x3 + np.sin(b) * f2
         return float(np.sum((p - q) ** 2))
     val, _ = _grid_then_refine(f, (0, 0), (t1, t2), n=25)  # not convex: grid for the basin
+    # The grid's basin can miss an optimum on an edge (one point at an end):
+    # sweep each edge densely as a 1-D problem too.
+    sweep = np.linspace(0, 1, 4001)[:, None]
+    arc_a = np.cos(sweep * t1) * x1 + np.sin(sweep * t1) * f1
+    arc_b = np.cos(sweep * t2) * x3 + np.sin(sweep * t2) * f2
+    for end, other in ((x1, arc_b), (x2, arc_b), (x3, arc_a), (x4, arc_a)):
+        val = min(val, float(((other - end) ** 2).sum(1).min()))
     return np.sqrt(max(val, 0.0))
 
 

@@ -16,21 +16,23 @@ def _batch(seed, sizes=(3, 2, 1, 3), d=5):
     return torch.randn(len(labels), d, generator=g, dtype=torch.float64), labels
 
 
+@pytest.mark.parametrize("chunk", [2**18, 5])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_matches_naive_reference_same_set(normalize):
+def test_matches_naive_reference_same_set(normalize, chunk):
     emb, labels = _batch(0)
-    dist = LoOpDistance(LpDistance(normalize_embeddings=normalize))
+    dist = LoOpDistance(LpDistance(normalize_embeddings=normalize), chunk_elements=chunk)
     got = dist.loop_mat(emb, labels).numpy()
     x = F.normalize(emb, dim=1) if normalize else emb
     ref = naive_loop_matrix(x.numpy(), labels.numpy(), x.numpy(), labels.numpy(), sphere=normalize)
     assert np.abs(got - ref).max() <= 1e-6
 
 
+@pytest.mark.parametrize("chunk", [2**18, 5])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_matches_naive_reference_with_ref_set(normalize):
+def test_matches_naive_reference_with_ref_set(normalize, chunk):
     emb, labels = _batch(1, sizes=(2, 1, 2))
     ref_emb, ref_labels = _batch(2, sizes=(3, 2, 2, 1))
-    dist = LoOpDistance(LpDistance(normalize_embeddings=normalize))
+    dist = LoOpDistance(LpDistance(normalize_embeddings=normalize), chunk_elements=chunk)
     got = dist.loop_mat(emb, labels, ref_emb, ref_labels).numpy()
     f = (lambda t: F.normalize(t, dim=1)) if normalize else (lambda t: t)
     ref = naive_loop_matrix(f(emb).numpy(), labels.numpy(), f(ref_emb).numpy(), ref_labels.numpy(), sphere=normalize)
@@ -56,13 +58,83 @@ def test_similarity_forms():
             assert dot[i, j] == pytest.approx(max(e[p] @ e[q] for p in group(i) for q in group(j)))
 
 
-def test_power_and_chunking_do_not_change_values():
+def test_power_does_not_change_values():
     emb, labels = _batch(4, sizes=(4, 4, 3, 1, 2))
     plain = LoOpDistance(LpDistance(normalize_embeddings=False)).loop_mat(emb, labels)
-    tiny_chunks = LoOpDistance(LpDistance(normalize_embeddings=False), chunk_elements=7).loop_mat(emb, labels)
     squared = LoOpDistance(LpDistance(normalize_embeddings=False, power=2)).loop_mat(emb, labels)
-    assert torch.allclose(plain, tiny_chunks, atol=1e-12)
     assert torch.allclose(plain**2, squared, atol=1e-12)
+
+
+def _record_blocks(monkeypatch):
+    """Shapes and classes of every searched block (and every measured chunk)."""
+    import pml_loop.batch_loop as bl
+    blocks = []
+    original = bl._block_scores
+    def spy(g, ends_q, ends_r, geometry):
+        blocks.append((len(ends_q), len(ends_r)))
+        return original(g, ends_q, ends_r, geometry)
+    monkeypatch.setattr(bl, "_block_scores", spy)
+    return blocks
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_chunked_search_is_bounded_and_exact(normalize, monkeypatch):
+    """Every block holds at most ``chunk_elements`` combinations (or one pair
+    against one class), and cutting the search changes no value."""
+    emb, labels = _batch(4, sizes=(4, 4, 3, 1, 2, 6))
+    ref, ref_labels = _batch(5, sizes=(3, 5, 2, 2))
+    base = LpDistance(normalize_embeddings=normalize)
+    for args in ((emb, labels), (emb, labels, ref, ref_labels)):
+        whole = LoOpDistance(base).loop_mat(*args)  # one block, checked against brute force above
+        for chunk in (7, 40, 300):
+            blocks = _record_blocks(monkeypatch)
+            cut = LoOpDistance(base, chunk_elements=chunk).loop_mat(*args)
+            monkeypatch.undo()
+            assert len(blocks) > 1
+            assert all(r * c <= chunk or r == 1 for r, c in blocks), blocks
+            assert torch.allclose(whole, cut, atol=1e-12)
+
+
+def test_same_class_combinations_cost_nothing(monkeypatch):
+    """Two big classes: only the combinations of a pair of one class with a pair
+    of the other are searched, never two pairs of one class."""
+    emb, labels = _batch(6, sizes=(12, 10), d=4)
+    blocks = _record_blocks(monkeypatch)
+    LoOpDistance(LpDistance(), chunk_elements=500).loop_mat(emb, labels)
+    pairs = (12 * 11 // 2, 10 * 9 // 2)
+    assert sum(r * c for r, c in blocks) == 2 * pairs[0] * pairs[1]
+
+
+@pytest.mark.parametrize("base", [LpDistance(), LpDistance(normalize_embeddings=False),
+                                  DotProductSimilarity(normalize_embeddings=False), CosineSimilarity()])
+@pytest.mark.parametrize("chunk", [10**6, 9])
+def test_gradcheck_of_the_batch_matrix(base, chunk):
+    """The Danskin gradient of the whole chunked computation, in float64."""
+    g = torch.Generator().manual_seed(11)
+    emb = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3])
+    ref = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_labels = torch.tensor([1, 1, 4, 4, 0, 5])
+    dist = LoOpDistance(base, chunk_elements=chunk)
+    torch.autograd.gradcheck(lambda e: dist.loop_mat(e, labels), (emb,), atol=1e-6)
+    torch.autograd.gradcheck(lambda e, r: dist.loop_mat(e, labels, r, ref_labels), (emb, ref), atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", ["segment", "arc", "dot"])
+def test_measure_partials_are_the_autograd_ones(geometry):
+    from pml_loop.functional import candidate_scores, candidate_weights, measure_at, quad_gram
+    from pml_loop.functional.loop import measure_partials
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 50, 6, generator=g, dtype=torch.float64)
+    if geometry == "arc":
+        x = F.normalize(x, dim=-1)
+    q = quad_gram(*x)
+    w = candidate_weights(q, candidate_scores(q, geometry).argmax(0), geometry)
+    fields = [f.clone().requires_grad_() for f in q]
+    value = measure_at(type(q)(*fields), w, geometry)
+    auto = torch.autograd.grad(value.sum(), fields, allow_unused=True)
+    for a, m in zip(auto, measure_partials(q, w, geometry)):
+        assert (a is None and m is None) or torch.allclose(a if a is not None else torch.zeros_like(m), m, atol=1e-12)
 
 
 def test_hardest_partner_only():
@@ -80,16 +152,19 @@ def test_hardest_partner_only():
 
 
 def test_pair_table_owns_every_partner_once():
-    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    labels = torch.tensor([2, 0, 0, 1, 2, 0])
     t = positive_pair_table(labels)
     ends = t.ends.tolist()
-    assert sorted(map(tuple, ends)) == [(0, 1), (0, 2), (1, 2), (3, 3), (4, 5)]
+    assert sorted(map(tuple, ends)) == [(0, 4), (1, 2), (1, 5), (2, 5), (3, 3)]
+    assert t.labels.tolist() == sorted(t.labels.tolist()) and t.runs == (3, 1, 1)  # by class
+    assert t.labels.tolist() == labels[t.ends[:, 0]].tolist()
     for i, row in enumerate(t.owned.tolist()):
         assert all(0 <= k < t.num_pairs for k in row)  # padding repeats a real pair
         owned = [ends[k] for k in set(row)]
         partners = sorted(b if a == i else a for a, b in owned)
         expected = sorted(j for j in range(6) if j != i and labels[j] == labels[i]) or [i]
         assert partners == expected
+        assert sorted(set(t.partner[i].tolist())) == expected
 
 
 def test_never_above_plain_distance_and_symmetric():

@@ -1,6 +1,8 @@
 """LoOpLoss / LoOpMiner / LoOpReducer inside PML: every listed loss and wrapper."""
 import copy
 import io
+import re
+import warnings
 
 import pytest
 import torch
@@ -299,3 +301,127 @@ def test_compiled_search_matches_eager():
             results.append((value.detach(), x.grad))
         assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
         assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_the_wrapped_loss_is_left_as_given():
+    emb, labels = _batch(13)
+    base = losses.TripletMarginLoss(margin=0.1)
+    distance, reducer = base.distance, base.reducer
+    wrapped = LoOpLoss(base, reducer=LoOpReducer())
+    first = wrapped(emb, labels)
+    # The loss still computes the plain loss, with its own distance and reducer.
+    assert base.distance is distance and base.reducer is reducer
+    assert torch.allclose(base(emb, labels), losses.TripletMarginLoss(margin=0.1)(emb, labels))
+    # Later changes to it (a margin schedule, another distance) reach the wrapper.
+    base.margin = 0.5
+    assert torch.allclose(wrapped(emb, labels),
+                          LoOpLoss(losses.TripletMarginLoss(margin=0.5), reducer=LoOpReducer())(emb, labels))
+    assert not torch.allclose(wrapped(emb, labels), first)
+    base.distance = LpDistance(normalize_embeddings=False)
+    unnormalised = LoOpLoss(losses.TripletMarginLoss(margin=0.5, distance=LpDistance(normalize_embeddings=False)),
+                            reducer=LoOpReducer())
+    assert torch.allclose(wrapped(emb, labels), unnormalised(emb, labels))
+    # A LoOpMiner passed in keeps its own distance object.
+    miner = LoOpMiner()
+    own = miner.distance
+    LoOpLoss(losses.TripletMarginLoss(), miner=miner)(emb, labels)
+    assert miner.distance is own
+
+
+def _instance(cls):
+    """An instance of a PML loss class, filling required arguments with small values."""
+    import inspect
+    fills = dict(num_classes=4, embedding_size=8, l=8, descriptors_dim=8, margin=0.4, Tn=10,
+                 loss=losses.TripletMarginLoss(), losses=[losses.TripletMarginLoss()])
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: fills.get(k) for k, p in params.items()
+              if k != "self" and p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+    try:
+        return cls(**kwargs)
+    except (TypeError, KeyError):  # required arguments hidden behind *args (e.g. CosFaceLoss)
+        return cls(num_classes=4, embedding_size=8, **kwargs)
+
+
+def _pml_loss_classes():
+    import inspect
+    return [name for name in dir(losses) if inspect.isclass(getattr(losses, name))]
+
+
+def test_every_pml_loss_class_is_classified():
+    from pml_loop.support import NOT_LOSSES, REFUSED, SUPPORTED
+    for name in _pml_loss_classes():
+        assert (name in SUPPORTED) + (name in REFUSED) + (name in NOT_LOSSES) == 1, (
+            f"{name} (new in this PML release?) must be listed in pml_loop/support.py")
+
+
+@pytest.mark.parametrize("name", sorted(set(_pml_loss_classes()) & set(__import__("pml_loop.support").support.REFUSED)))
+def test_refused_losses_say_why_at_construction(name):
+    from pml_loop.support import REFUSED
+    with pytest.raises(ValueError, match=re.escape(REFUSED[name][:30])):
+        LoOpLoss(_instance(getattr(losses, name)))
+
+
+@pytest.mark.parametrize("name", sorted(set(__import__("pml_loop.support").support.SUPPORTED) - {"CrossBatchMemory"}))
+def test_supported_losses_move_negatives_only(name):
+    """LoOp changes the value where the batch has negatives and positives, and
+    leaves it exactly where no sample has a positive partner."""
+    cls = getattr(losses, name)
+    emb, labels = _batch(14, classes=6, per_class=4, d=8, dtype=torch.float64)
+    emb.requires_grad_()
+    torch.manual_seed(0)
+    plain = _instance(cls)(emb, labels)
+    torch.manual_seed(0)
+    looped = LoOpLoss(_instance(cls))(emb, labels)
+    looped.backward()
+    assert torch.isfinite(looped) and torch.isfinite(emb.grad).all()
+    assert not torch.allclose(looped, plain), f"LoOp did not change {name}"
+    if name in ("NPairsLoss",):  # pairs are (anchor, positive) rows: no singleton form
+        return
+    single = torch.arange(len(labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "every sample is its own class", when the loss asks
+        torch.manual_seed(0)
+        looped = LoOpLoss(_instance(cls))(emb, single)
+    torch.manual_seed(0)
+    assert torch.allclose(looped, _instance(cls)(emb, single), atol=1e-10, equal_nan=True)
+
+
+def test_batches_that_cannot_work_as_meant_warn_once():
+    emb, _ = _batch(18)
+    loss = LoOpLoss(losses.ContrastiveLoss())
+    with pytest.warns(UserWarning, match="its own class") as record:
+        loss(emb, torch.arange(len(emb)))
+        loss(emb + 1, torch.arange(len(emb)))
+    assert sum("its own class" in str(w.message) for w in record) == 1
+
+
+def test_nonfinite_embeddings_give_a_nan_loss_and_a_warning_like_pml():
+    emb, labels = _batch(15)
+    emb[3, 1] = float("nan")
+    emb.requires_grad_()
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        value = LoOpLoss(losses.TripletMarginLoss())(emb, labels)
+    assert torch.isnan(value)
+    value.backward()  # a GradScaler would now skip the step; nothing raised
+
+
+def test_shared_search_follows_in_place_edits():
+    """Between a miner and a loss an embedding edited in place is a new batch:
+    the shared search must not hand out the old winners."""
+    emb, labels = _batch(16, d=6)
+    dist = LoOpDistance(LpDistance())
+    with dist.sharing():
+        dist.loop_mat(emb, labels)
+        emb.mul_(torch.linspace(0.2, 3.0, emb.shape[1]))  # in place: same tensor object
+        after = dist.loop_mat(emb, labels)
+    fresh = LoOpDistance(LpDistance()).loop_mat(emb, labels)
+    assert torch.allclose(after, fresh, atol=1e-6)
+
+
+def test_one_class_batch_costs_no_search(monkeypatch):
+    import pml_loop.distance as dist_mod
+    monkeypatch.setattr(dist_mod, "search_winners", lambda *a, **k: pytest.fail("searched a one-class batch"))
+    emb, labels = _batch(17, classes=1, per_class=12)
+    with pytest.warns(UserWarning, match="single class"):
+        value = LoOpLoss(losses.MultiSimilarityLoss())(emb, labels)
+    assert torch.allclose(value, losses.MultiSimilarityLoss()(emb, labels))
