@@ -1,13 +1,25 @@
-"""Speed and memory of LoOpLoss, as ratios measured in one run (not a test).
+"""Speed, memory and kernel-launch counts of LoOpLoss against the plain losses.
 
-    python benchmarks/bench_loop.py            # B=128 ratios + B=1024 memory
-    python benchmarks/bench_loop.py --quick    # fewer repeats
+    python benchmarks/bench_loop.py            # every table (about 10 min on 2 cores)
+    python benchmarks/bench_loop.py --quick    # fewer repeats, smaller sweep
+    python benchmarks/bench_loop.py --only speed memory aten train profile
 
-Prints: median forward+backward time of plain TripletMarginLoss, of
-LoOpLoss(TripletMarginLoss), and of a naive per-quadruple reference that
-materialises the four d-dimensional endpoints of every quadruple (i, p, j, q)
-and calls ``loop_distance`` on them, then the ratios; and, in a fresh
-subprocess per case, the peak extra resident memory of B=1024 forward+backward.
+Nothing here is a test: it prints ratios measured in one run, the variants
+interleaved round by round so that machine load hits each alike. Run it on a
+quiet machine (on 2 cores another busy process distorts everything).
+
+Tables:
+- speed: forward + backward, d = 512, LoOp / plain for TripletMarginLoss,
+  MultiSimilarityLoss and ContrastiveLoss, for B = 128 .. 1024 (m = 4) and
+  m = 2, 4, 8 (B = 128), plus a one-class batch and two classes of 64;
+- aten: ATen calls of one forward + backward (each one a kernel launch on a
+  GPU), plain MultiSimilarityLoss against LoOp, eager and ``compile=True``;
+- memory: peak resident memory above the inputs, forward + backward of
+  MultiSimilarityLoss plain and LoOp-wrapped, B = 1024 and 4096, one fresh
+  process per case;
+- train: one training step of the glyph CNN (batch 128, m = 4), plain and
+  LoOp-wrapped TripletMarginLoss and MultiSimilarityLoss;
+- profile: where the time of a LoOp forward + backward goes (B = 128).
 """
 from __future__ import annotations
 
@@ -17,42 +29,37 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 from pytorch_metric_learning import losses
 
 from pml_loop import LoOpLoss
-from pml_loop.functional import loop_distance
+
+LOSSES = {
+    "Triplet": losses.TripletMarginLoss,
+    "MultiSimilarity": losses.MultiSimilarityLoss,
+    "Contrastive": losses.ContrastiveLoss,
+}
 
 
-def batch(classes: int, per_class: int, d: int, seed: int = 0):
+def batch(classes: int, per_class: int, d: int = 512, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(classes * per_class, d, generator=g), torch.arange(classes).repeat_interleave(per_class)
+    emb = torch.randn(classes * per_class, d, generator=g, requires_grad=True)
+    return emb, torch.arange(classes).repeat_interleave(per_class)
 
 
-def naive_loop_matrix(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-quadruple LoOp chord matrix on normalised embeddings (d-dim points per quadruple)."""
-    x = torch.nn.functional.normalize(emb, dim=1)
-    n = len(x)
-    same = labels[:, None] == labels[None]
-    partner = same & ~torch.eye(n, dtype=torch.bool)
-    partner |= torch.eye(n, dtype=torch.bool) & ~partner.any(1, keepdim=True)
-    i, p = partner.nonzero(as_tuple=True)           # every (sample, partner)
-    a, b = torch.meshgrid(torch.arange(len(i)), torch.arange(len(i)), indexing="ij")
-    keep = labels[i[a]] != labels[i[b]]
-    a, b = a[keep], b[keep]
-    d = loop_distance(x[i[a]], x[p[a]], x[i[b]], x[p[b]], sphere=True)
-    out = torch.cdist(x, x)
-    flat = (i[a] * n + i[b])
-    loop = torch.full((n * n,), float("inf")).scatter_reduce(0, flat, d, "amin").view(n, n)
-    return torch.where(~same, loop, out)
+def step(loss, emb, labels):
+    def run():
+        emb.grad = None
+        loss(emb, labels).backward()
+    return run
 
 
 def median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, calls interleaved round by round so
-    that drifting machine load hits every variant alike."""
+    """Median seconds of each function, called round by round (interleaved)."""
     for fn in fns.values():
-        fn()  # warm-up
+        fn()  # warm-up (and the structure cache)
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -62,42 +69,61 @@ def median_times(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def speed(repeats: int) -> dict:
-    emb, labels = batch(32, 4, 512)
-    emb.requires_grad_()
-    plain = losses.TripletMarginLoss()
-    wrapped = LoOpLoss(losses.TripletMarginLoss())
-    compiled = LoOpLoss(losses.TripletMarginLoss(), compile=True)
+def ratio_row(label: str, emb, labels, names, repeats: int) -> None:
+    fns = {}
+    for name in names:
+        fns[name] = step(LOSSES[name](), emb, labels)
+        fns["LoOp " + name] = step(LoOpLoss(LOSSES[name]()), emb, labels)
+    t = median_times(fns, repeats)
+    cells = [f"{1e3 * t[n]:8.2f} / {1e3 * t['LoOp ' + n]:8.2f} ms = {t['LoOp ' + n] / t[n]:5.2f}x" for n in names]
+    print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
-    def run(loss):
-        def f():
-            emb.grad = None
-            loss(emb, labels).backward()
-        return f
 
-    def naive():
-        emb.grad = None
-        m = naive_loop_matrix(emb, labels)
-        m.sum().backward()
+def speed(quick: bool) -> None:
+    names = list(LOSSES)
+    print("\n## speed: forward + backward, d = 512, plain / LoOp (median), ratio")
+    print("| batch | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    reps = 10 if quick else 30
+    for b in ((128, 256) if quick else (128, 256, 512, 1024)):
+        emb, labels = batch(b // 4, 4)
+        use = [n for n in names if not (n == "Triplet" and b > 512)]  # plain triplet: seconds at 1024
+        ratio_row(f"B = {b}, m = 4", emb, labels, use, max(3, reps * 128 // b))
+    for m in (2, 8):
+        emb, labels = batch(128 // m, m)
+        ratio_row(f"B = 128, m = {m}", emb, labels, names, reps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "a single class", on purpose
+        emb, labels = batch(1, 128)
+        ratio_row("B = 128, one class", emb, labels, ["MultiSimilarity"], reps)
+    emb, labels = batch(2, 64)
+    ratio_row("B = 128, two classes of 64", emb, labels, ["MultiSimilarity"], max(3, reps // 5))
 
-    with torch.no_grad():  # the reference computes what LoOpLoss's distance computes
-        mat = wrapped.loop_distance.loop_mat(emb, labels)
-        ref = naive_loop_matrix(emb, labels)
-        agree = float((mat - ref).abs().max())
-    compiled(emb, labels)  # compile outside the timing (once per process)
-    t = median_times({"plain": run(plain), "loop": run(wrapped), "compiled": run(compiled)}, repeats)
-    t_plain, t_loop, t_compiled = t["plain"], t["loop"], t["compiled"]
-    t_naive = median_times({"naive": naive}, max(3, repeats // 10))["naive"]
-    return dict(plain_ms=1e3 * t_plain, loop_ms=1e3 * t_loop, compiled_ms=1e3 * t_compiled,
-                naive_ms=1e3 * t_naive, loop_over_plain=t_loop / t_plain,
-                compiled_over_plain=t_compiled / t_plain, naive_over_loop=t_naive / t_loop,
-                max_abs_diff_vs_naive=agree)
+
+def aten_calls(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def aten(quick: bool) -> None:
+    emb, labels = batch(32, 4)
+    print("\n## ATen calls of one forward + backward, B = 128 (32 x 4), d = 512")
+    for name in ("MultiSimilarity", "Triplet"):
+        plain = aten_calls(step(LOSSES[name](), emb, labels))
+        eager = aten_calls(step(LoOpLoss(LOSSES[name]()), emb, labels))
+        line = f"{name}: plain {plain}, LoOp eager {eager}"
+        if not quick:
+            compiled = aten_calls(step(LoOpLoss(LOSSES[name](), compile=True), emb, labels))
+            line += f", LoOp compile=True {compiled}"
+        print(line, flush=True)
 
 
 MEMORY_CASES = {
-    "plain TripletMarginLoss": lambda e, l: losses.TripletMarginLoss()(e, l),
-    "LoOpLoss(TripletMarginLoss)": lambda e, l: LoOpLoss(losses.TripletMarginLoss())(e, l),
-    "LoOp distance matrix alone": lambda e, l: LoOpLoss(losses.ContrastiveLoss()).loop_distance.loop_mat(e, l).sum(),
+    "plain MultiSimilarityLoss": lambda: losses.MultiSimilarityLoss(),
+    "LoOpLoss(MultiSimilarityLoss)": lambda: LoOpLoss(losses.MultiSimilarityLoss()),
 }
 
 
@@ -106,46 +132,111 @@ def _status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def memory_child(case: str) -> None:
-    """One case per fresh process: ru_maxrss only grows, so cases must not share one."""
-    torch.set_num_threads(2)
-    emb, labels = batch(256, 4, 512)
-    emb.requires_grad_()
-    # Reset the high-water mark to the current resident size (Linux), so the
-    # peak of importing torch does not hide the peak of the computation.
+def memory_child(case: str, b: int, threads: int) -> None:
+    """One case per fresh process: the high-water mark only grows."""
+    torch.set_num_threads(threads)
+    emb, labels = batch(b // 4, 4)
+    loss = MEMORY_CASES[case]()
+    # Reset the high-water mark to the current resident size (Linux), so that
+    # the peak of importing torch does not hide the computation's.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kb("VmRSS")
     t = time.perf_counter()
-    MEMORY_CASES[case](emb, labels).backward()
+    loss(emb, labels).backward()
     elapsed = time.perf_counter() - t
-    peak = _status_kb("VmHWM")
-    print(json.dumps(dict(seconds=elapsed, extra_peak_mb=(peak - base) / 1024,
+    print(json.dumps(dict(seconds=elapsed, extra_peak_mb=(_status_kb("VmHWM") - base) / 1024,
                           finite=bool(torch.isfinite(emb.grad).all()))))
+
+
+def memory(quick: bool, threads: int) -> None:
+    print("\n## memory: peak resident memory above the inputs, forward + backward, d = 512, m = 4")
+    for b in ((1024,) if quick else (1024, 4096)):
+        row = {}
+        for case in MEMORY_CASES:
+            out = subprocess.run([sys.executable, __file__, "--memory-child", case, str(b), str(threads)],
+                                 capture_output=True, text=True, check=True)
+            row[case] = json.loads(out.stdout.strip().splitlines()[-1])
+        plain, loop = (row[c] for c in MEMORY_CASES)
+        print(f"B = {b}: plain {plain['extra_peak_mb']:.0f} MB ({plain['seconds']:.2f} s), "
+              f"LoOp {loop['extra_peak_mb']:.0f} MB ({loop['seconds']:.2f} s), "
+              f"memory ratio {loop['extra_peak_mb'] / plain['extra_peak_mb']:.2f}x, "
+              f"finite gradients: {loop['finite']}", flush=True)
+
+
+def train(quick: bool) -> None:
+    """One optimiser step of the runner's default model on glyph batches."""
+    from pml_loop.data.kanji import downsample, load_glyph_arrays
+    from pml_loop.models import MLP, GlyphCNN
+    images = load_glyph_arrays()["images"][:, :32]  # (faces, classes, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    faces = torch.randint(0, images.shape[0], (32, 4), generator=g)
+    picked = images[faces.numpy(), torch.arange(32)[:, None].numpy()].reshape(128, 32, 32)
+    x = torch.from_numpy(downsample(picked, 16)).float().unsqueeze(1) / 255
+    labels = torch.arange(32).repeat_interleave(4)
+    torch.manual_seed(0)
+    trunk = GlyphCNN()
+    model = torch.nn.Sequential(trunk, MLP([trunk.output_size, 128]))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+
+    def run(loss):
+        def f():
+            opt.zero_grad()
+            loss(model(x), labels).backward()
+            opt.step()
+        return f
+
+    print("\n## train: one step of the glyph CNN (16 x 16, batch 128 = 32 x 4, 128-d), median")
+    for name in ("Triplet", "MultiSimilarity"):
+        t = median_times({"plain": run(LOSSES[name]()), "loop": run(LoOpLoss(LOSSES[name]()))}, 10 if quick else 40)
+        print(f"{name}: plain {1e3 * t['plain']:.1f} ms, LoOp {1e3 * t['loop']:.1f} ms, "
+              f"ratio {t['loop'] / t['plain']:.3f}x", flush=True)
+
+
+def profile_table(quick: bool) -> None:
+    from torch.profiler import ProfilerActivity, profile, record_function
+    import pml_loop.batch_loop as bl
+    emb, labels = batch(32, 4)
+    loss = LoOpLoss(losses.MultiSimilarityLoss())
+    originals = {}
+    for fn in ("search_winners", "measure_winners"):
+        originals[fn] = getattr(bl, fn)
+    import pml_loop.distance as dist_mod
+
+    def labelled(name, fn):
+        def call(*a, **k):
+            with record_function(name):
+                return fn(*a, **k)
+        return call
+
+    dist_mod.search_winners = labelled("loop: search", originals["search_winners"])
+    dist_mod.measure_winners = labelled("loop: measure forward", originals["measure_winners"])
+    step(loss, emb, labels)()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5 if quick else 20):
+            step(loss, emb, labels)()
+    dist_mod.search_winners, dist_mod.measure_winners = originals["search_winners"], originals["measure_winners"]
+    print("\n## profile: LoOpLoss(MultiSimilarityLoss), B = 128, d = 512 (CPU time per call)")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--only", nargs="*", default=["speed", "aten", "memory", "train", "profile"])
+    ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
-        return memory_child(args.memory_child)
+        case, b, threads = args.memory_child
+        return memory_child(case, int(b), int(threads))
     torch.set_num_threads(args.threads)
-    s = speed(repeats=10 if args.quick else 50)
-    print(f"B=128 (32 classes x 4), d=512, {args.threads} threads, forward+backward, median:")
-    print(f"  TripletMarginLoss            {s['plain_ms']:8.2f} ms")
-    print(f"  LoOpLoss(TripletMarginLoss)  {s['loop_ms']:8.2f} ms   ratio to plain {s['loop_over_plain']:.2f}x")
-    print(f"  same, compile=True           {s['compiled_ms']:8.2f} ms   ratio to plain {s['compiled_over_plain']:.2f}x")
-    print(f"  naive per-quadruple LoOp     {s['naive_ms']:8.2f} ms   LoOp (eager) is {s['naive_over_loop']:.1f}x faster")
-    print(f"  max |LoOp matrix - naive| = {s['max_abs_diff_vs_naive']:.2e}")
-    print("B=1024 (256 classes x 4), d=512, forward+backward, peak resident memory above the inputs:")
-    for case in MEMORY_CASES:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", case],
-                             capture_output=True, text=True, check=True)
-        m = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {case:30s} {m['seconds']:6.2f} s  {m['extra_peak_mb']:6.0f} MB  finite gradients: {m['finite']}")
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    for part in args.only:
+        if part == "memory":
+            memory(args.quick, args.threads)
+        else:
+            {"speed": speed, "aten": aten, "train": train, "profile": profile_table}[part](args.quick)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .functional import Geometry, PairWeights, QuadGram, candidate_scores, candidate_weights, measure_at
 from .functional.compiled import maybe_compiled
-from .functional.loop import CANDIDATE_SWAPS, measure_partials
+from .functional.loop import CANDIDATE_EXCHANGE, CANDIDATE_SWAPS, measure_partials
 from .pairs import PairTable
 
 #: Pair combinations searched at once (one block). The arc search keeps about
@@ -68,10 +68,20 @@ class Winners(NamedTuple):
     partner_r: Tensor
     candidate: Tensor
 
+    def compact(self) -> "Winners":
+        """Stored small (int32 partners, uint8 candidate): a third of int64's memory."""
+        return Winners(self.partner_q.to(torch.int32), self.partner_r.to(torch.int32),
+                       self.candidate.to(torch.uint8))
 
-def gram_blocks(query: Tensor, ref: Tensor, same_set: bool) -> GramBlocks:
-    """One matrix product per block (a single one when query is reference)."""
-    qr = query @ ref.T
+    def rows(self, a: int, b: int) -> "Winners":
+        """Rows ``a:b`` as int64 indices, ready for gathers."""
+        return Winners(*(x[a:b].long() for x in self))
+
+
+def gram_blocks(query: Tensor, ref: Tensor, same_set: bool, qr: Tensor | None = None) -> GramBlocks:
+    """One matrix product per block (a single one when query is reference);
+    ``qr``: the cross block if it is already computed."""
+    qr = query @ ref.T if qr is None else qr
     if same_set:
         return GramBlocks(qr, qr, qr)
     return GramBlocks(query @ query.T, ref @ ref.T, qr)
@@ -138,15 +148,24 @@ def _group(table: PairTable, start: int, stop: int, label: int | None, split: bo
 
 
 class SearchPlan(NamedTuple):
-    """The blocks of a search: row groups (query pairs) x column groups."""
+    """The blocks of a search: row groups (query pairs) x column groups.
+
+    symmetric: one set cut alike on both sides; only the blocks on and above
+    the diagonal are searched, each also serving its mirror image.
+    """
 
     rows: list[Group]
     cols: list[Group]
+    symmetric: bool = False
 
 
 def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> SearchPlan:
     """Blocks of at most ``chunk_elements`` combinations (at least one pair each way)."""
     kq, kr = table_q.num_pairs, table_r.num_pairs
+    if table_q is table_r and kq * kr > chunk_elements:
+        # LoOp is symmetric: cut both sides alike and search half the blocks.
+        groups = class_groups(table_q, max(1, int(chunk_elements**0.5)))
+        return SearchPlan(groups, groups, len(groups) > 1)
     if kr * min(kq, 16) <= chunk_elements:
         col_limit = kr  # full rows of the grid: fewest blocks
     else:
@@ -213,7 +232,7 @@ def _reduce_block(scores: Tensor, which: Tensor, row: Group, col: Group, swaps: 
     r_local = col.slots.T.gather(0, r_slot).clamp_max(width - 1)
     # The block's candidate index is for the pairs as stored; turn it to (i, p | j, q).
     swap = row.flipped.gather(1, q_slot) * 2 + col.flipped.T.gather(0, r_slot)
-    stored = which.view(-1).take(q_local * width + r_local)
+    stored = which.reshape(-1).take(q_local * width + r_local)
     winners = Winners(row.partner.gather(1, q_slot), col.partner.T.gather(0, r_slot),
                       swaps.view(-1).take(swap * swaps.shape[1] + stored))
     return val, winners
@@ -239,24 +258,30 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     block_scores = maybe_compiled(_block_scores, compile)
     if len(plan.rows) == 1 and len(plan.cols) == 1 and plan.rows[0].samples is None and plan.cols[0].samples is None:
         scores, which = block_scores(g, table_q.ends, table_r.ends, geometry)
-        return _reduce_block(scores, which, plan.rows[0], plan.cols[0], swaps)[1]
+        return _reduce_block(scores, which, plan.rows[0], plan.cols[0], swaps)[1].compact()
     best = g.qr.new_full((n_q, n_r), float("-inf"))
     # Winners of entries no block reaches (one class): the sample itself, corner 0.
     out = Winners(torch.arange(n_q, device=g.qr.device)[:, None].repeat(1, n_r),
                   torch.arange(n_r, device=g.qr.device)[None, :].repeat(n_q, 1),
-                  torch.zeros(n_q, n_r, dtype=torch.long, device=g.qr.device))
-    for row in plan.rows:
-        i = _samples(row, n_q, g.qr.device)
-        for col in plan.cols:
-            if row.label is not None and row.label == col.label:
-                continue  # one class on both sides: no negative entry here
+                  torch.zeros(n_q, n_r, dtype=torch.long, device=g.qr.device)).compact()
+    exchange = torch.tensor(CANDIDATE_EXCHANGE[geometry], device=g.qr.device)
+
+    def merge(row: Group, col: Group, scores: Tensor, which: Tensor) -> None:
+        val, new = _reduce_block(scores, which, row, col, swaps)
+        at = (_samples(row, n_q, g.qr.device)[:, None], _samples(col, n_r, g.qr.device)[None, :])
+        better = val > best[at]
+        best[at] = torch.where(better, val, best[at])
+        for o, n in zip(out, new):
+            o[at] = torch.where(better, n.to(o.dtype), o[at])
+
+    for r, row in enumerate(plan.rows):
+        for c, col in enumerate(plan.cols):
+            if (plan.symmetric and c < r) or (row.label is not None and row.label == col.label):
+                continue  # the mirror of a searched block, or one class on both sides
             scores, which = block_scores(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry)
-            val, new = _reduce_block(scores, which, row, col, swaps)
-            at = (i[:, None], _samples(col, n_r, g.qr.device)[None, :])
-            better = val > best[at]
-            best[at] = torch.where(better, val, best[at])
-            for o, n in zip(out, new):
-                o[at] = torch.where(better, n, o[at])
+            merge(row, col, scores, which)
+            if plan.symmetric and c > r:
+                merge(col, row, scores.T, exchange.take(which).T)
     return out
 
 
@@ -267,8 +292,9 @@ def _samples(group: Group, n: int, device) -> Tensor:
 # -- pass 2: measure -----------------------------------------------------------------
 def _entry_quad_gram(g: GramBlocks, w: Winners, a: int, b: int) -> QuadGram:
     """QuadGram of (x_i, x_p | x_j, x_q) for the entries of rows ``a:b``, each
-    ``(b - a, n_r)`` (or broadcasting to it): gathers along rows and columns."""
-    p, q = w.partner_q[a:b], w.partner_r[a:b]
+    ``(b - a, n_r)`` (or broadcasting to it): gathers along rows and columns.
+    ``w``: the winners of those rows (int64)."""
+    p, q = w.partner_q, w.partner_r
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
     return QuadGram(
         dq[a:b].unsqueeze(1), g.qq[a:b].gather(1, p), dq.take(p),
@@ -280,7 +306,7 @@ def _entry_quad_gram(g: GramBlocks, w: Winners, a: int, b: int) -> QuadGram:
 def _add_partials(d: GramBlocks, w: Winners, a: int, b: int, parts: QuadGram) -> None:
     """Add the gradient of rows ``a:b`` of the entries to the Gram blocks: the
     transpose of each gather of :func:`_entry_quad_gram`."""
-    p, q = w.partner_q[a:b], w.partner_r[a:b]
+    p, q = w.partner_q, w.partner_r
     dq, dr = d.qq.diagonal(), d.rr.diagonal()
     if parts.g11 is not None:
         dq[a:b] += parts.g11.sum(1)
@@ -310,16 +336,16 @@ class _MeasureAtOptimum(torch.autograd.Function):
         g = GramBlocks(qq, qq, qq) if (qq is rr and rr is qr) else GramBlocks(qq, rr, qr)
         n_q, n_r = winners.partner_q.shape
         chunks = _row_chunks(n_q, n_r, chunk_elements)
-        out, weights = [], []
         measure = maybe_compiled(_measure_rows, compile)
+        out = []
         for a, b in chunks:
-            value, w, q = measure(g, winners, a, b, geometry)
+            value, w, q = measure(g, winners.rows(a, b), a, b, geometry)
             out.append(value)
-            weights.append(w)
         ctx.same_set, ctx.geometry, ctx.chunks, ctx.winners = g.same_set, geometry, chunks, winners
         ctx.compile = compile
-        ctx.single = q if len(chunks) == 1 else None  # one chunk: keep its inner products
-        ctx.weights = weights
+        # One chunk: keep its inner products and weights; several: recompute
+        # them chunk by chunk in the backward pass (memory stays bounded).
+        ctx.single = (q, w) if len(chunks) == 1 else None
         ctx.save_for_backward(qq, rr, qr)
         return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -333,9 +359,14 @@ class _MeasureAtOptimum(torch.autograd.Function):
         else:
             d = GramBlocks(torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr))
         partials = maybe_compiled(_partials_rows, ctx.compile)
-        for (a, b), w in zip(ctx.chunks, ctx.weights):
-            q = ctx.single if ctx.single is not None else _entry_quad_gram(g, ctx.winners, a, b)
-            _add_partials(d, ctx.winners, a, b, partials(q, w, grad_out[a:b], ctx.geometry))
+        for a, b in ctx.chunks:
+            w = ctx.winners.rows(a, b)
+            if ctx.single is not None:
+                q, weights = ctx.single
+            else:
+                q = _entry_quad_gram(g, w, a, b)
+                weights = candidate_weights(q, w.candidate, ctx.geometry)
+            _add_partials(d, w, a, b, partials(q, weights, grad_out[a:b], ctx.geometry))
         if ctx.same_set:  # one matrix passed three times: give it the whole gradient once
             return None, None, d.qr, None, None, None, None
         return d.qq, d.rr, d.qr, None, None, None, None
@@ -343,7 +374,7 @@ class _MeasureAtOptimum(torch.autograd.Function):
 
 def _measure_rows(g: GramBlocks, winners: Winners, a: int, b: int, geometry: Geometry):
     q = _entry_quad_gram(g, winners, a, b)
-    w = candidate_weights(q, winners.candidate[a:b], geometry)
+    w = candidate_weights(q, winners.candidate, geometry)
     return measure_at(q, w, geometry), w, q
 
 

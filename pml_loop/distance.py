@@ -228,7 +228,7 @@ class LoOpDistance(BaseDistance):
         if self._shared is None:
             return None
         w = self._shared.winners
-        return w.partner_q, w.partner_r
+        return w.partner_q.long(), w.partner_r.long()
 
     # -- internals ---------------------------------------------------------------
     def _labels_for(self, query: Tensor, ref: Tensor, same_set: bool) -> tuple[Tensor, Tensor]:
@@ -257,7 +257,8 @@ class LoOpDistance(BaseDistance):
     def _loop_mat(self, qn, rn, q_labels, r_labels, same_set: bool, keys: tuple) -> Tensor:
         base = self.base.compute_mat(qn, rn)
         neg = q_labels[:, None] != r_labels[None, :]
-        g = gram_blocks(qn, rn, same_set)
+        # A similarity's matrix is the Gram block itself: no second product.
+        g = gram_blocks(qn, rn, same_set, qr=base if isinstance(self.base, DotProductSimilarity) else None)
         if self.nonfinite != "ignore" and not self._finite(g, same_set):
             self._record(base, base, neg)
             return torch.where(neg, base * float("nan"), base)

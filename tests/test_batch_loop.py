@@ -96,13 +96,17 @@ def test_chunked_search_is_bounded_and_exact(normalize, monkeypatch):
 
 
 def test_same_class_combinations_cost_nothing(monkeypatch):
-    """Two big classes: only the combinations of a pair of one class with a pair
-    of the other are searched, never two pairs of one class."""
+    """Two big classes: only combinations of a pair of one class with a pair of
+    the other are searched, never two pairs of one class; within one set each
+    combination once (the matrix is symmetric)."""
     emb, labels = _batch(6, sizes=(12, 10), d=4)
+    ref, ref_labels = _batch(7, sizes=(9, 8), d=4)
     blocks = _record_blocks(monkeypatch)
     LoOpDistance(LpDistance(), chunk_elements=500).loop_mat(emb, labels)
-    pairs = (12 * 11 // 2, 10 * 9 // 2)
-    assert sum(r * c for r, c in blocks) == 2 * pairs[0] * pairs[1]
+    assert sum(r * c for r, c in blocks) == 66 * 45
+    blocks.clear()
+    LoOpDistance(LpDistance(), chunk_elements=500).loop_mat(emb, labels, ref, ref_labels)
+    assert sum(r * c for r, c in blocks) == 66 * 28 + 45 * 36
 
 
 @pytest.mark.parametrize("base", [LpDistance(), LpDistance(normalize_embeddings=False),

@@ -120,6 +120,15 @@ CANDIDATE_SWAPS = {
     "dot": ((2, 3, 0, 1), (1, 0, 3, 2)),
 }
 
+#: How candidate indices move when the two pairs exchange roles ((x1, x2) and
+#: (x3, x4) swapped): one combination searched serves both entries of a
+#: symmetric matrix.
+CANDIDATE_EXCHANGE = {
+    "arc": (0, 2, 1, 3, 6, 7, 4, 5, 8),
+    "segment": (2, 3, 0, 1, 4),
+    "dot": (0, 2, 1, 3),
+}
+
 
 def _check_inputs(xs: tuple[Tensor, ...], sphere: bool) -> None:
     names = ("x1", "x2", "x3", "x4")
