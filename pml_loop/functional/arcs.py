@@ -109,11 +109,14 @@ def arc_candidate_cosines(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g2
     inv_a, pen_a = _planes(g12)
     inv_b, pen_b = _planes(g34)
     none = g13.new_full((), _NONE)  # a tensor: a Python scalar costs conversions per call
-    # Edges: x1 or x2 against arc B; x3 or x4 against arc A.
-    e1 = _edge_cosine(g13, g14, _edge_weights(g13, g14, g34), inv_b, pen_b, none)
-    e2 = _edge_cosine(g23, g24, _edge_weights(g23, g24, g34), inv_b, pen_b, none)
-    e3 = _edge_cosine(g13, g23, _edge_weights(g13, g23, g12), inv_a, pen_a, none)
-    e4 = _edge_cosine(g14, g24, _edge_weights(g14, g24, g12), inv_a, pen_a, none)
+    corners = torch.stack(torch.broadcast_tensors(g13, g14, g23, g24))
+    # Edges, two at a time (half the operations): x1, x2 against arc B, whose
+    # inner products with x3, x4 are (g13, g14), (g23, g24); x3, x4 against
+    # arc A: (g13, g23), (g14, g24).
+    yb1, yb2 = corners[0::2], corners[1::2]
+    ya1, ya2 = corners[:2], corners[2:]
+    e12 = _edge_cosine(yb1, yb2, _edge_weights(yb1, yb2, g34), inv_b, pen_b, none)
+    e34 = _edge_cosine(ya1, ya2, _edge_weights(ya1, ya2, g12), inv_a, pen_a, none)
     mu, (a1, a2, b1, b2) = _interior(g12, g34, g13, g14, g23, g24)
     # (l, R l) has p.q >= 0, so only a common sign flip is allowed; a zero
     # vector has no direction.
@@ -121,7 +124,7 @@ def arc_candidate_cosines(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g2
     hi = torch.maximum(torch.maximum(a1, a2), torch.maximum(b1, b2))
     off = (lo * hi < 0) | (a1 * a1 + a2 * a2 == 0) | (b1 * b1 + b2 * b2 == 0)
     interior = torch.where(off, none, (mu * inv_a * inv_b).clamp_min(0).sqrt() + (pen_a + pen_b))
-    return torch.stack(torch.broadcast_tensors(g13, g14, g23, g24, e1, e2, e3, e4, interior))
+    return torch.cat((corners, e12, e34, interior.expand_as(corners[0]).unsqueeze(0)))
 
 
 #: Weights (a1, a2, b1, b2) of the corner candidates and the fixed endpoint of
