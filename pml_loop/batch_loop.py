@@ -13,9 +13,9 @@ Entry (i, j) is the optimum over the pairs owned by i (query side) and by j
    fixed weights, with gradient (Danskin). An autograd function keeps only
    the winners and weights for the backward pass, not the temporaries.
 
-Peak extra memory: about ``40 * chunk_elements`` floats for the search
-temporaries of one block, plus ``O(n_q * n_r)`` for the entries (winners,
-weights, result); see :func:`memory_bound_bytes`.
+Peak extra memory: about ``40 * chunk_elements`` values for the temporaries
+of one block, plus ``O(n_q * n_r)`` for the entries; see
+:func:`memory_bound_bytes`.
 """
 from __future__ import annotations
 
@@ -26,25 +26,30 @@ from torch import Tensor
 
 from .functional import Geometry, PairWeights, QuadGram, candidate_scores, candidate_weights, measure_at
 from .functional.compiled import maybe_compiled
+from .functional.gram import constant
 from .functional.loop import CANDIDATE_EXCHANGE, CANDIDATE_SWAPS, measure_partials
 from .pairs import PairTable
 
 #: Pair combinations searched at once (one block). The arc search keeps about
 #: 40 temporaries of that size, so 2**18 combinations stay near 40 MB in float32.
 DEFAULT_CHUNK_ELEMENTS = 2**18
+#: On a GPU each operation is a kernel launch: fewer, larger blocks (about 2.7 GB).
+DEFAULT_GPU_CHUNK_ELEMENTS = 2**24
 
-#: Live temporaries of the search and measure passes per searched element;
-#: measured with ``benchmarks/bench_loop.py --memory`` (see the README).
+#: Live temporaries of the search and measure passes per element of a block
+#: (the 9 candidates of a block and their inputs, with headroom).
 _TEMPORARIES_PER_ELEMENT = 40
 
 
 def memory_bound_bytes(n_q: int, n_r: int, chunk_elements: int, itemsize: int = 4) -> int:
     """Documented bound on the extra memory of one LoOp matrix (search + measure).
 
-    ``40 * chunk_elements`` values for the temporaries of one block, and per
-    entry: two int64 winner indices, four weights, the result and its mask.
+    ``40 * chunk_elements`` values for the temporaries of one block or row
+    chunk, and per entry: the winners (two int32 partners, a uint8 candidate),
+    the Gram block, the negative mask, the measure and the few matrices that
+    turn it into the loss's units (with what autograd keeps of them).
     """
-    return _TEMPORARIES_PER_ELEMENT * chunk_elements * itemsize + n_q * n_r * (16 + 5 * itemsize + 1)
+    return _TEMPORARIES_PER_ELEMENT * chunk_elements * itemsize + n_q * n_r * (9 + 1 + 8 * itemsize)
 
 
 class GramBlocks(NamedTuple):
@@ -244,7 +249,7 @@ def _swap_table(geometry: Geometry, device) -> Tensor:
     first, second = CANDIDATE_SWAPS[geometry]
     k = len(first)
     rows = [list(range(k)), list(second), list(first), [second[first[c]] for c in range(k)]]
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return constant(tuple(map(tuple, rows)), torch.long, device)
 
 
 @torch.no_grad()
@@ -264,7 +269,7 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     out = Winners(torch.arange(n_q, device=g.qr.device)[:, None].repeat(1, n_r),
                   torch.arange(n_r, device=g.qr.device)[None, :].repeat(n_q, 1),
                   torch.zeros(n_q, n_r, dtype=torch.long, device=g.qr.device)).compact()
-    exchange = torch.tensor(CANDIDATE_EXCHANGE[geometry], device=g.qr.device)
+    exchange = constant(CANDIDATE_EXCHANGE[geometry], torch.long, g.qr.device)
 
     def merge(row: Group, col: Group, scores: Tensor, which: Tensor) -> None:
         val, new = _reduce_block(scores, which, row, col, swaps)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .batch_loop import (
     DEFAULT_CHUNK_ELEMENTS,
+    DEFAULT_GPU_CHUNK_ELEMENTS,
     GramBlocks,
     SearchPlan,
     Winners,
@@ -89,7 +90,8 @@ class LoOpDistance(BaseDistance):
             ``"hardest"`` (only each sample's farthest partner; cheaper for
             large cross-batch memories).
         chunk_elements: pair combinations (and entries) handled at once; the
-            extra memory is at most ``batch_loop.memory_bound_bytes``.
+            extra memory is at most ``batch_loop.memory_bound_bytes``. ``None``:
+            2**18 on the CPU, 2**24 on a GPU (where fewer, larger kernels pay).
         compile: run the search and measure kernels through ``torch.compile``
             (Triton on a GPU; ~20 s to compile once per process, eager fallback).
         nonfinite: what a NaN or infinite embedding does: ``"warn"`` (like PML:
@@ -108,7 +110,7 @@ class LoOpDistance(BaseDistance):
         self,
         distance: BaseDistance | None = None,
         partners: Partners = "all",
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | None = None,
         compile: bool = False,
         nonfinite: NonFinite = "warn",
         **kwargs,
@@ -121,7 +123,7 @@ class LoOpDistance(BaseDistance):
             raise ValueError(f"partners must be one of {PARTNERS}, got {partners!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        if int(chunk_elements) < 1:
+        if chunk_elements is not None and int(chunk_elements) < 1:
             raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
         super().__init__(
             normalize_embeddings=base.normalize_embeddings, p=base.p, power=base.power,
@@ -130,7 +132,7 @@ class LoOpDistance(BaseDistance):
         self.base = base
         self.geometry: Geometry = geometry
         self.partners = partners
-        self.chunk_elements = int(chunk_elements)
+        self.chunk_elements = None if chunk_elements is None else int(chunk_elements)
         self.compile = bool(compile)
         self.nonfinite = nonfinite
         self._binding: _Binding | None = None
@@ -273,7 +275,7 @@ class LoOpDistance(BaseDistance):
             s = _Search(keys, st, search_winners(g, st.table_q, st.table_r, self.geometry, st.plan, self.compile))
             if self._share_depth > 0:
                 self._shared = s
-        measure = measure_winners(g, s.winners, self.geometry, self.chunk_elements, self.compile)
+        measure = measure_winners(g, s.winners, self.geometry, self._chunk(qn.device), self.compile)
         loop = self._to_base_units(measure)
         # The optimum includes the endpoints; min/max with the base value makes
         # "never farther than the plain distance" exact despite rounding.
@@ -325,7 +327,13 @@ class LoOpDistance(BaseDistance):
             self._warn_once("singletons", "every sample of the batch is its own class: no positive pairs, "
                             "so LoOp equals the plain distance; sample several per class "
                             "(e.g. PML's MPerClassSampler)")
-        return _Structure(table_q, table_r, search_plan(table_q, table_r, self.chunk_elements), has_negatives)
+        plan = search_plan(table_q, table_r, self._chunk(table_q.ends.device))
+        return _Structure(table_q, table_r, plan, has_negatives)
+
+    def _chunk(self, device: torch.device) -> int:
+        if self.chunk_elements is not None:
+            return self.chunk_elements
+        return DEFAULT_CHUNK_ELEMENTS if device.type == "cpu" else DEFAULT_GPU_CHUNK_ELEMENTS
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

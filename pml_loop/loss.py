@@ -12,7 +12,6 @@ from pytorch_metric_learning.reducers import BaseReducer, DoNothingReducer, Mult
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor
 
-from .batch_loop import DEFAULT_CHUNK_ELEMENTS
 from .distance import LoOpDistance, NonFinite
 from .miner import LoOpMiner
 from .pairs import Partners
@@ -53,7 +52,7 @@ class LoOpLoss(BaseMetricLossFunction):
         miner: BaseMiner | None = None,
         reducer: BaseReducer | None = None,
         partners: Partners = "all",
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | None = None,
         compile: bool = False,
         nonfinite: NonFinite = "warn",
         collect_stats: bool | None = None,

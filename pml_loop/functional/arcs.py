@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import PairWeights, QuadGram
+from .gram import PairWeights, QuadGram, constant
 
 
 def _norm_sq(w1: Tensor, w2: Tensor, g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
@@ -146,7 +146,7 @@ def arc_candidate_weights(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g2
     e3 = _edge_weights(g13, g23, g12)
     e4 = _edge_weights(g14, g24, g12)
     _, interior = _interior(g12, g34, g13, g14, g23, g24)
-    fixed = torch.tensor(_FIXED_WEIGHTS, dtype=g13.dtype, device=g13.device)
+    fixed = constant(_FIXED_WEIGHTS, g13.dtype, g13.device)
     is_ = [which == k for k in range(4, 9)]
     # The first pair's weights are computed for candidates 6, 7 (edges on arc A),
     # the second pair's for 4, 5 (edges on arc B); both for the interior (8).

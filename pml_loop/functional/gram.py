@@ -6,6 +6,7 @@ built per quadruple.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -59,3 +60,10 @@ def quad_gram(x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> QuadGram:
         dot(x3, x3), dot(x3, x4), dot(x4, x4),
         dot(x1, x3), dot(x1, x4), dot(x2, x3), dot(x2, x4),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant table, made once per device and dtype: building it per
+    call would copy from the host, which waits for the GPU."""
+    return torch.tensor(values, dtype=dtype, device=device)
