@@ -47,16 +47,16 @@ def setup(seed: int = 0) -> None:
     })
 
 
-def show(fig, name: Optional[str] = None) -> None:
+def show(fig, name: Optional[str] = None, dpi: int = SAVE_DPI) -> None:
     """Display ``fig`` in the notebook as a modest-dpi PNG and close it; with
     ``name`` and ``PML_LOOP_NOTEBOOK_IMAGES`` set, also write
-    ``<that folder>/<name>.png``. Works whatever the matplotlib backend is
+    ``<that folder>/<name>.png`` at ``dpi``. Works whatever the matplotlib backend is
     (the benchmark runner switches to Agg)."""
     import matplotlib.pyplot as plt
 
     if name and IMAGE_DIR:
         os.makedirs(IMAGE_DIR, exist_ok=True)
-        fig.savefig(os.path.join(IMAGE_DIR, f"{name}.png"), dpi=SAVE_DPI, bbox_inches="tight")
+        fig.savefig(os.path.join(IMAGE_DIR, f"{name}.png"), dpi=dpi, bbox_inches="tight")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DISPLAY_DPI, bbox_inches="tight")
     plt.close(fig)
@@ -165,7 +165,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     if callback is not None and callback_every:
         callback(iterations, model)
     model.eval()
@@ -226,8 +226,8 @@ def plot_metric_bars(results: Mapping[str, Mapping[str, float]], pairs: Sequence
         ax.set_xticks(positions, [p for p, _ in pairs], fontsize=9)
         ax.set_ylabel(f"test {label}")
         ax.set_title(f"{label} on unseen classes")
-        ax.set_ylim(0, max(plain + loop) * 1.18)
-        ax.legend(loc="lower right")
+        ax.set_ylim(0, max(plain + loop) * 1.3)
+        ax.legend(loc="upper center", ncol=2)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -266,6 +266,7 @@ def plot_retrieval(images: torch.Tensor, labels: torch.Tensor, queries: torch.Te
             ax.plot([0, w - 1], [0, h - 1], color="red", lw=1.2, alpha=0.7)
             ax.plot([0, w - 1], [h - 1, 0], color="red", lw=1.2, alpha=0.7)
 
+    block_edges: Dict[str, list] = {}
     for r, q in enumerate(queries.tolist()):
         ax = fig.add_subplot(grid[r, 0])
         draw(ax, q)
@@ -279,8 +280,11 @@ def plot_retrieval(images: torch.Tensor, labels: torch.Tensor, queries: torch.Te
                 wrong = int(labels[n]) != int(labels[q])
                 wrong_count += wrong
                 draw(ax, n, "red" if wrong else "tab:green", wrong)
-                if r == 0 and j == (k - 1) // 2:
-                    ax.set_title(f"{name}: top-{k} neighbours", fontsize=10, loc="left")
+                if r == 0 and j in (0, k - 1):
+                    block_edges.setdefault(name, []).append(ax.get_position())
+    for name, (first, last) in block_edges.items():
+        fig.text((first.x0 + last.x1) / 2, first.y1 + 0.01, f"{name}: top-{k} neighbours",
+                 ha="center", va="bottom", fontsize=10)
     totals = {name: int((labels[neighbours[name]] != labels[queries][:, None]).sum()) for name in names}
     summary = ", ".join(f"{name}: {totals[name]} of {rows * k} wrong" for name in names)
     fig.suptitle((title + "\n" if title else "") + f"red frame and cross = wrong class ({summary})",
@@ -622,8 +626,9 @@ def read_table(fold_folder: os.PathLike, table: str) -> Dict[str, np.ndarray]:
         cursor = conn.execute(f"SELECT * FROM [{table}] ORDER BY [~iteration~]")
         columns = [c[0] for c in cursor.description]
         rows = cursor.fetchall()
-    return {name: np.asarray([r[k] for r in rows], dtype=float) for k, name in enumerate(columns)
-            if rows and all(isinstance(r[k], (int, float)) for r in rows)}
+    return {name: np.asarray([np.nan if r[k] is None else r[k] for r in rows], dtype=float)
+            for k, name in enumerate(columns)
+            if rows and all(isinstance(r[k], (int, float, type(None))) for r in rows)}
 
 
 def plot_benchmark_curves(logs: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
@@ -679,12 +684,12 @@ def plot_projections(projections: Mapping[str, Tuple[torch.Tensor, torch.Tensor]
 
     fig, axes = plt.subplots(1, len(projections), figsize=(4.6 * len(projections), 4.4))
     axes = np.atleast_1d(axes)
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     for ax, (name, (points, labels)) in zip(axes, projections.items()):
         classes = torch.unique(labels).tolist()
         for c, cls in enumerate(classes):
             mask = labels == cls
-            ax.scatter(points[mask, 0], points[mask, 1], s=16, color=cmap(c % 20), alpha=0.85,
+            ax.scatter(points[mask, 0], points[mask, 1], s=18, color=cmap(c % 10), alpha=0.85,
                        edgecolors="none")
         ax.set_title(name)
         ax.set_xlabel("principal component 1")
@@ -749,7 +754,7 @@ def make_fake_cub(root: os.PathLike, train_classes: int = 10, test_classes: int 
                 for a in (angle, angle + np.pi / 2):
                     dx, dy = r * np.cos(a), r * np.sin(a)
                     draw.line([cx - dx, cy - dy, cx + dx, cy + dy], fill=tint, width=max(2, int(r / 2.5)))
-            pixels = np.asarray(image, dtype=np.int16) + rng.integers(-25, 26, size=(size, size, 3))
+            pixels = np.asarray(image, dtype=np.int16) + rng.integers(-6, 7, size=(size, size, 3))
             image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
             relative = f"{folder}/{folder.split('.')[1]}_{k:04d}.jpg"
             (base / "images" / folder).mkdir(parents=True, exist_ok=True)
