@@ -282,13 +282,16 @@ def plot_retrieval(images: torch.Tensor, labels: torch.Tensor, queries: torch.Te
                 draw(ax, n, "red" if wrong else "tab:green", wrong)
                 if r == 0 and j in (0, k - 1):
                     block_edges.setdefault(name, []).append(ax.get_position())
+    inch = 1.0 / fig.get_figheight()  # one inch in figure coordinates
+    top = 0.0
     for name, (first, last) in block_edges.items():
-        fig.text((first.x0 + last.x1) / 2, first.y1 + 0.01, f"{name}: top-{k} neighbours",
+        fig.text((first.x0 + last.x1) / 2, first.y1 + 0.05 * inch, f"{name}: top-{k} neighbours",
                  ha="center", va="bottom", fontsize=10)
+        top = max(top, first.y1)
     totals = {name: int((labels[neighbours[name]] != labels[queries][:, None]).sum()) for name in names}
     summary = ", ".join(f"{name}: {totals[name]} of {rows * k} wrong" for name in names)
     fig.suptitle((title + "\n" if title else "") + f"red frame and cross = wrong class ({summary})",
-                 fontsize=11, y=1.0)
+                 fontsize=11, y=top + 0.3 * inch, va="bottom")
     return fig
 
 
