@@ -14,9 +14,14 @@ POSITIVES = ("all", "hardest")
 
 
 def group_ids(*keys: Tensor) -> Tensor:
-    """Dense group index of each row of the given integer keys."""
-    stacked = torch.stack(keys, 1)
-    return torch.unique(stacked, dim=0, return_inverse=True)[1]
+    """Dense group index of each row of the given integer keys (indices below
+    2**31, one or two keys): one int64 key per row, as ``unique(dim=0)`` is
+    many times slower."""
+    assert 1 <= len(keys) <= 2
+    key = keys[0].long()
+    for k in keys[1:]:
+        key = key * 2**31 + k.long()
+    return torch.unique(key, return_inverse=True)[1]
 
 
 def group_reduce(values: Tensor, groups: Tensor, mode: Mode, beta: float) -> Tensor:

@@ -81,6 +81,6 @@ def test_setup_cfg_extras():
     extras = {name: requirement_names(value) for name, value in cfg["options.extras_require"].items()}
     assert core == {"torch", "pytorch-metric-learning", "numpy"}
     assert extras["gpu"] == extras["bench"] - {"faiss-cpu"} | {"faiss-gpu"}
-    assert extras["test"] == extras["bench"] | {"pytest", "scipy", "fonttools"}
+    assert extras["test"] == extras["bench"] | {"pytest", "scipy", "fonttools", "nbclient", "nbformat", "ipykernel"}
     # what the import-time checks ask for is what the extra installs
     assert set(RUNNER_MODULES.values()) | set(DATA_MODULES.values()) <= extras["bench"]
