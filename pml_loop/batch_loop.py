@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import Geometry, PairWeights, QuadGram, candidate_scores, candidate_weights, measure_at
+from .functional import Geometry, PairWeights, QuadGram, best_candidate, candidate_weights, measure_at
 from .functional.compiled import maybe_compiled
 from .functional.gram import constant
 from .functional.loop import CANDIDATE_EXCHANGE, CANDIDATE_SWAPS, measure_partials
@@ -182,21 +182,8 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
 
 
 # -- pass 1: search ----------------------------------------------------------------
-def best_of(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Largest value along ``dim`` and an index attaining it (the last on ties).
-
-    ``amax`` and a comparison: on the CPU, ``max`` with indices and ``argmax``
-    are 40-200x slower than ``amax`` (torch 2.13, measured).
-    """
-    val = x.amax(dim, keepdim=True)
-    shape = [1] * x.ndim
-    shape[dim] = x.shape[dim]
-    steps = torch.arange(x.shape[dim], dtype=x.dtype, device=x.device).view(shape)
-    return val.squeeze(dim), torch.where(x == val, steps, steps.new_zeros(())).amax(dim).long()
-
-
 def _block_scores(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
-    """Best candidate score ``(R, C)`` (larger is better, see ``candidate_scores``)
+    """Best candidate score ``(R, C)`` (larger is better, see ``best_candidate``)
     of R query pairs against C reference pairs, and which candidate it is."""
     R, C = len(ends_q), len(ends_r)
     rows = torch.cat((ends_q[:, 0], ends_q[:, 1]))
@@ -208,7 +195,7 @@ def _block_scores(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geome
         dr[ends_r[:, 0]].unsqueeze(0), _pair_gram(g.rr, ends_r).unsqueeze(0), dr[ends_r[:, 1]].unsqueeze(0),
         cross[:R, :C], cross[:R, C:], cross[R:, :C], cross[R:, C:],
     )
-    return best_of(candidate_scores(q, geometry), 0)
+    return best_candidate(q, geometry)
 
 
 def _pair_gram(gram: Tensor, ends: Tensor) -> Tensor:
@@ -228,10 +215,10 @@ def _reduce_block(scores: Tensor, which: Tensor, row: Group, col: Group, swaps: 
     width = scores.shape[1]
     if not col.whole:  # padding column for pairs outside the block
         scores = torch.cat((scores, scores.new_full((scores.shape[0], 1), float("-inf"))), 1)
-    val, r_slot = best_of(_select(scores, 1, col.slots), 2)  # (R, s_r, deg_r) -> (R, s_r)
+    val, r_slot = _select(scores, 1, col.slots).max(2)  # (R, s_r, deg_r) -> (R, s_r)
     if not row.whole:
         val = torch.cat((val, val.new_full((1, val.shape[1]), float("-inf"))), 0)
-    val, q_slot = best_of(_select(val, 0, row.slots), 1)  # (s_q, deg_q, s_r) -> (s_q, s_r)
+    val, q_slot = _select(val, 0, row.slots).max(1)  # (s_q, deg_q, s_r) -> (s_q, s_r)
     q_local = row.slots.gather(1, q_slot).clamp_max(row.stop - row.start - 1)
     r_slot = r_slot.gather(0, q_local)  # the slot of j that won for that pair of i
     r_local = col.slots.T.gather(0, r_slot).clamp_max(width - 1)

@@ -8,6 +8,7 @@ from .gram import PairWeights, QuadGram, quad_gram
 from .loop import (
     GEOMETRIES,
     Geometry,
+    best_candidate,
     candidate_scores,
     candidate_weights,
     loop_distance,
@@ -20,7 +21,7 @@ from .segments import closest_segment, closest_segment_params, segment_squared_d
 
 __all__ = [
     "GEOMETRIES", "Geometry", "PairWeights", "QuadGram", "arc_angles", "arc_cosine",
-    "arc_squared_chord", "candidate_scores", "candidate_weights", "closest_arc",
+    "arc_squared_chord", "best_candidate", "candidate_scores", "candidate_weights", "closest_arc",
     "closest_arc_weights", "closest_segment", "closest_segment_params", "loop_distance",
     "loop_params", "measure_at", "optimal_weights", "quad_gram", "safe_sqrt",
     "segment_squared_distance", "segment_weights",

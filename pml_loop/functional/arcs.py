@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import PairWeights, QuadGram, constant
+from .gram import PairWeights, QuadGram, best_in_groups, constant
 
 
 def _norm_sq(w1: Tensor, w2: Tensor, g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
@@ -99,9 +99,12 @@ def _interior(g12, g34, g13, g14, g23, g24) -> tuple[Tensor, tuple[Tensor, Tenso
     return mu, (a1, a2, r11 * a1 + r12 * a2, r21 * a1 + r22 * a2)
 
 
-def arc_candidate_cosines(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g23: Tensor, g24: Tensor) -> Tensor:
-    """``(9, *S)``: the closed-form cosine of each candidate (see the module
-    docstring), ranking only: infeasible candidates score below -1.
+def arc_candidate_groups(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g23: Tensor,
+                         g24: Tensor) -> list[Tensor]:
+    """The closed-form cosine of each candidate (see the module docstring), in
+    groups computed together: corners ``(4, *S)``, edges on arc B ``(2, *S)``,
+    edges on arc A ``(2, *S)``, interior ``(1, *S)`` (candidates 0-8 in order).
+    Ranking only: infeasible candidates score below -1.
 
     The inputs broadcast to a common shape ``S``; ``g12`` may be a column and
     ``g34`` a row of a grid of pair combinations.
@@ -124,7 +127,12 @@ def arc_candidate_cosines(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g2
     hi = torch.maximum(torch.maximum(a1, a2), torch.maximum(b1, b2))
     off = (lo * hi < 0) | (a1 * a1 + a2 * a2 == 0) | (b1 * b1 + b2 * b2 == 0)
     interior = torch.where(off, none, (mu * inv_a * inv_b).clamp_min(0).sqrt() + (pen_a + pen_b))
-    return torch.cat((corners, e12, e34, interior.expand_as(corners[0]).unsqueeze(0)))
+    return [corners, e12, e34, interior.expand_as(corners[0]).unsqueeze(0)]
+
+
+def arc_candidate_cosines(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g23: Tensor, g24: Tensor) -> Tensor:
+    """``(9, *S)``: the candidates of :func:`arc_candidate_groups` in one tensor."""
+    return torch.cat(arc_candidate_groups(g12, g34, g13, g14, g23, g24))
 
 
 #: Weights (a1, a2, b1, b2) of the corner candidates and the fixed endpoint of
@@ -170,7 +178,7 @@ def closest_arc(q: QuadGram) -> tuple[Tensor, PairWeights]:
     unit vectors), and the weights of its points (valid for any inputs; measure
     them exactly with :func:`arc_cosine`). Shapes: the broadcast shape of ``q``."""
     g = (q.g12, q.g34, q.g13, q.g14, q.g23, q.g24)
-    cos, which = arc_candidate_cosines(*g).max(0)
+    cos, which = best_in_groups(arc_candidate_groups(*g))
     return cos, arc_candidate_weights(*g, which)
 
 

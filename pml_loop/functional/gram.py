@@ -67,3 +67,23 @@ def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant table, made once per device and dtype: building it per
     call would copy from the host, which waits for the GPU."""
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+def best_in_groups(groups: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Largest value and its index over candidates given in groups ``(k_g, *S)``
+    (indices run on across groups; the first wins a tie).
+
+    A running comparison group by group: on the CPU this costs about half of
+    stacking every candidate and taking one maximum with indices.
+    """
+    best, which, offset = None, None, 0
+    for group in groups:
+        value, index = group.max(0) if len(group) > 1 else (group[0], torch.zeros_like(group[0], dtype=torch.long))
+        if best is None:
+            best, which = value, index
+        else:
+            better = value > best
+            best = torch.maximum(best, value)
+            which = torch.where(better, index + offset, which)
+        offset += len(group)
+    return best, which

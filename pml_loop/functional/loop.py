@@ -18,8 +18,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .arcs import arc_angles, arc_candidate_cosines, arc_candidate_weights, arc_cosine, arc_squared_chord, arc_terms
-from .gram import PairWeights, QuadGram, quad_gram
+from .arcs import (
+    arc_angles,
+    arc_candidate_cosines,
+    arc_candidate_groups,
+    arc_candidate_weights,
+    arc_cosine,
+    arc_squared_chord,
+    arc_terms,
+)
+from .gram import PairWeights, QuadGram, best_in_groups, quad_gram
 from .segments import measure_raw_segment, segment_candidates, segment_squared_distance, segment_weights
 
 Geometry = Literal["segment", "arc", "dot"]
@@ -47,6 +55,15 @@ def candidate_scores(q: QuadGram, geometry: Geometry) -> Tensor:
 
 
 @torch.no_grad()
+def best_candidate(q: QuadGram, geometry: Geometry) -> tuple[Tensor, Tensor]:
+    """The best of :func:`candidate_scores` and which candidate it is, each of
+    the broadcast shape of ``q`` (without building all scores at once for arcs)."""
+    if geometry == "arc":
+        return best_in_groups(arc_candidate_groups(q.g12, q.g34, q.g13, q.g14, q.g23, q.g24))
+    return candidate_scores(q, geometry).max(0)
+
+
+@torch.no_grad()
 def candidate_weights(q: QuadGram, which: Tensor, geometry: Geometry) -> PairWeights:
     """Weights (see :class:`PairWeights`) of candidate ``which`` (an index into
     :func:`candidate_scores`), shape of ``which``."""
@@ -66,7 +83,7 @@ def candidate_weights(q: QuadGram, which: Tensor, geometry: Geometry) -> PairWei
 @torch.no_grad()
 def optimal_weights(q: QuadGram, geometry: Geometry) -> PairWeights:
     """Weights of the optimal points on each pair (see :class:`PairWeights`)."""
-    return candidate_weights(q, candidate_scores(q, geometry).argmax(0), geometry)
+    return candidate_weights(q, best_candidate(q, geometry)[1], geometry)
 
 
 def measure_at(q: QuadGram, w: PairWeights, geometry: Geometry) -> Tensor:
