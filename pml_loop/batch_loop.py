@@ -321,7 +321,8 @@ def _row_chunks(n_q: int, n_r: int, chunk_elements: int) -> list[tuple[int, int]
 class _MeasureAtOptimum(torch.autograd.Function):
     """Measure of every entry at its winner's optimal weights; the gradient is
     that of the measure at the fixed weights (Danskin), chunk by chunk, so that
-    nothing of the size of all entries is kept but the winners and weights."""
+    of all entries only the winners are kept for the backward pass (and, when
+    there is a single chunk, its inner products and weights)."""
 
     @staticmethod
     def forward(ctx, qq, rr, qr, winners, geometry, chunk_elements, compile):
