@@ -78,9 +78,6 @@ class Winners(NamedTuple):
         return Winners(self.partner_q.to(torch.int32), self.partner_r.to(torch.int32),
                        self.candidate.to(torch.uint8))
 
-    def rows(self, a: int, b: int) -> "Winners":
-        """Rows ``a:b`` as int64 indices, ready for gathers."""
-        return Winners(*(x[a:b].long() for x in self))
 
 
 def gram_blocks(query: Tensor, ref: Tensor, same_set: bool, qr: Tensor | None = None) -> GramBlocks:
@@ -282,102 +279,130 @@ def _samples(group: Group, n: int, device) -> Tensor:
 
 
 # -- pass 2: measure -----------------------------------------------------------------
-def _entry_quad_gram(g: GramBlocks, w: Winners, a: int, b: int) -> QuadGram:
-    """QuadGram of (x_i, x_p | x_j, x_q) for the entries of rows ``a:b``, each
-    ``(b - a, n_r)`` (or broadcasting to it): gathers along rows and columns.
-    ``w``: the winners of those rows (int64)."""
-    p, q = w.partner_q, w.partner_r
+def _entry_chunks(n_q: int, n_r: int, upper: bool, chunk_elements: int) -> list[tuple[int, int]]:
+    total = n_q * (n_q - 1) // 2 if upper else n_q * n_r
+    return [(a, min(a + chunk_elements, total)) for a in range(0, total, max(1, chunk_elements))]
+
+
+def _entries(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor]:
+    """Rows and columns of the entries ``a:b`` of the matrix, row by row; with
+    ``upper``, of its strict upper triangle (i < j), in closed form."""
+    k = torch.arange(a, b, device=device)
+    if not upper:
+        return k // n_r, k % n_r
+    n = n_q
+    kf = k.to(torch.float64)
+    i = (n - 2 - torch.floor(torch.sqrt(-8 * kf + 4 * n * (n - 1) - 7) / 2 - 0.5)).long()
+    j = k + i + 1 - n * (n - 1) // 2 + (n - i) * (n - i - 1) // 2
+    return i, j
+
+
+def _entry_quad_gram(g: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor) -> QuadGram:
+    """QuadGram of (x_i, x_p | x_j, x_q) for entries given as flat index tensors."""
+    n_q, n_r = g.qr.shape
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
     return QuadGram(
-        dq[a:b].unsqueeze(1), g.qq[a:b].gather(1, p), dq.take(p),
-        dr.unsqueeze(0), g.rr.gather(0, q), dr.take(q),
-        g.qr[a:b], g.qr[a:b].gather(1, q), g.qr.gather(0, p), g.qr.reshape(-1).take(p * g.qr.shape[1] + q),
+        dq.take(i), g.qq.take(i * n_q + p), dq.take(p),
+        dr.take(j), g.rr.take(j * n_r + q), dr.take(q),
+        g.qr.take(i * n_r + j), g.qr.take(i * n_r + q), g.qr.take(p * n_r + j), g.qr.take(p * n_r + q),
     )
 
 
-def _add_partials(d: GramBlocks, w: Winners, a: int, b: int, parts: QuadGram) -> None:
-    """Add the gradient of rows ``a:b`` of the entries to the Gram blocks: the
-    transpose of each gather of :func:`_entry_quad_gram`."""
-    p, q = w.partner_q, w.partner_r
-    dq, dr = d.qq.diagonal(), d.rr.diagonal()
-    if parts.g11 is not None:
-        dq[a:b] += parts.g11.sum(1)
-        d.qq[a:b].scatter_add_(1, p, parts.g12)
-        dq.index_add_(0, p.reshape(-1), parts.g22.reshape(-1))
-        dr += parts.g33.sum(0)
-        d.rr.scatter_add_(0, q, parts.g34)
-        dr.index_add_(0, q.reshape(-1), parts.g44.reshape(-1))
-    d.qr[a:b] += parts.g13
-    d.qr[a:b].scatter_add_(1, q, parts.g14)
-    d.qr.scatter_add_(0, p, parts.g23)
-    d.qr.view(-1).index_add_(0, (p * d.qr.shape[1] + q).reshape(-1), parts.g24.reshape(-1))
-
-
-def _row_chunks(n_q: int, n_r: int, chunk_elements: int) -> list[tuple[int, int]]:
-    rows = max(1, chunk_elements // max(n_r, 1))
-    return [(a, min(a + rows, n_q)) for a in range(0, n_q, rows)]
+def _add_partials(d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, parts: QuadGram) -> None:
+    """Add the entries' gradient to the Gram blocks: the transpose of each
+    ``take`` of :func:`_entry_quad_gram`, one ``index_add_`` per block."""
+    n_q, n_r = d.qr.shape
+    cross = [(i * n_r + j, parts.g13), (i * n_r + q, parts.g14), (p * n_r + j, parts.g23), (p * n_r + q, parts.g24)]
+    first = [(i * (n_q + 1), parts.g11), (i * n_q + p, parts.g12), (p * (n_q + 1), parts.g22)]
+    second = [(j * (n_r + 1), parts.g33), (j * n_r + q, parts.g34), (q * (n_r + 1), parts.g44)]
+    blocks = [(d.qr, cross + first + second)] if d.same_set else [(d.qr, cross), (d.qq, first), (d.rr, second)]
+    for target, pieces in blocks:
+        pieces = [(at, v) for at, v in pieces if v is not None]
+        if pieces:
+            target.view(-1).index_add_(0, torch.cat([at for at, _ in pieces]), torch.cat([v for _, v in pieces]))
 
 
 class _MeasureAtOptimum(torch.autograd.Function):
     """Measure of every entry at its winner's optimal weights; the gradient is
     that of the measure at the fixed weights (Danskin), chunk by chunk, so that
     of all entries only the winners are kept for the backward pass (and, when
-    there is a single chunk, its inner products and weights)."""
+    there is a single chunk, its inner products and weights). For one set only
+    the upper triangle is measured: the matrix is symmetric."""
 
     @staticmethod
     def forward(ctx, qq, rr, qr, winners, geometry, chunk_elements, compile):
         g = GramBlocks(qq, qq, qq) if (qq is rr and rr is qr) else GramBlocks(qq, rr, qr)
         n_q, n_r = winners.partner_q.shape
-        chunks = _row_chunks(n_q, n_r, chunk_elements)
-        measure = maybe_compiled(_measure_rows, compile)
-        out = []
+        upper = g.same_set
+        chunks = _entry_chunks(n_q, n_r, upper, chunk_elements)
+        measure = maybe_compiled(_measure_entries, compile)
+        out = qr.new_zeros(n_q * n_r)
         for a, b in chunks:
-            value, w, q = measure(g, winners.rows(a, b), a, b, geometry)
-            out.append(value)
-        ctx.same_set, ctx.geometry, ctx.chunks, ctx.winners = g.same_set, geometry, chunks, winners
+            i, j = _entries(a, b, n_q, n_r, upper, qr.device)
+            value, w, q = measure(g, winners, i, j, geometry)
+            out[i * n_r + j] = value
+            if upper:
+                out[j * n_r + i] = value
+        ctx.upper, ctx.geometry, ctx.chunks, ctx.winners = upper, geometry, chunks, winners
         ctx.compile = compile
         # One chunk: keep its inner products and weights; several: recompute
         # them chunk by chunk in the backward pass (memory stays bounded).
         ctx.single = (q, w) if len(chunks) == 1 else None
         ctx.save_for_backward(qq, rr, qr)
-        return out[0] if len(out) == 1 else torch.cat(out)
+        return out.view(n_q, n_r)
 
     @staticmethod
     def backward(ctx, grad_out):
         qq, rr, qr = ctx.saved_tensors
-        g = GramBlocks(qq, qq, qq) if ctx.same_set else GramBlocks(qq, rr, qr)
-        if ctx.same_set:
-            d_qr = torch.zeros_like(qr)
-            d = GramBlocks(d_qr, d_qr, d_qr)
+        upper = ctx.upper
+        g = GramBlocks(qq, qq, qq) if upper else GramBlocks(qq, rr, qr)
+        if upper:
+            zero = torch.zeros_like(qr)
+            d = GramBlocks(zero, zero, zero)
         else:
             d = GramBlocks(torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr))
-        partials = maybe_compiled(_partials_rows, ctx.compile)
+        n_q, n_r = qr.shape
+        grad_flat = grad_out.reshape(-1)
+        partials = maybe_compiled(_partials_entries, ctx.compile)
         for a, b in ctx.chunks:
-            w = ctx.winners.rows(a, b)
+            i, j = _entries(a, b, n_q, n_r, upper, qr.device)
+            p, q_ = _partners(ctx.winners, i * n_r + j)
             if ctx.single is not None:
-                q, weights = ctx.single
+                quad, weights = ctx.single
             else:
-                q = _entry_quad_gram(g, w, a, b)
-                weights = candidate_weights(q, w.candidate, ctx.geometry)
-            _add_partials(d, w, a, b, partials(q, weights, grad_out[a:b], ctx.geometry))
-        if ctx.same_set:  # one matrix passed three times: give it the whole gradient once
+                quad = _entry_quad_gram(g, i, j, p, q_)
+                weights = candidate_weights(quad, _candidates(ctx.winners, i * n_r + j), ctx.geometry)
+            grad = grad_flat.take(i * n_r + j)
+            if upper:  # the value stands at (i, j) and (j, i)
+                grad = grad + grad_flat.take(j * n_r + i)
+            _add_partials(d, i, j, p, q_, partials(quad, weights, grad, ctx.geometry))
+        if upper:  # one matrix passed three times: give it the whole gradient once
             return None, None, d.qr, None, None, None, None
         return d.qq, d.rr, d.qr, None, None, None, None
 
 
-def _measure_rows(g: GramBlocks, winners: Winners, a: int, b: int, geometry: Geometry):
-    q = _entry_quad_gram(g, winners, a, b)
-    w = candidate_weights(q, winners.candidate, geometry)
+def _partners(w: Winners, at: Tensor) -> tuple[Tensor, Tensor]:
+    return w.partner_q.reshape(-1).take(at).long(), w.partner_r.reshape(-1).take(at).long()
+
+
+def _candidates(w: Winners, at: Tensor) -> Tensor:
+    return w.candidate.reshape(-1).take(at).long()
+
+
+def _measure_entries(g: GramBlocks, winners: Winners, i: Tensor, j: Tensor, geometry: Geometry):
+    at = i * g.qr.shape[1] + j
+    q = _entry_quad_gram(g, i, j, *_partners(winners, at))
+    w = candidate_weights(q, _candidates(winners, at), geometry)
     return measure_at(q, w, geometry), w, q
 
 
-def _partials_rows(q: QuadGram, w: PairWeights, grad: Tensor, geometry: Geometry) -> QuadGram:
-    parts = measure_partials(q, w, geometry)
-    return QuadGram(*(None if x is None else (x * grad).expand_as(grad) for x in parts))
+def _partials_entries(q: QuadGram, w: PairWeights, grad: Tensor, geometry: Geometry) -> QuadGram:
+    return QuadGram(*(None if x is None else x * grad for x in measure_partials(q, w, geometry)))
 
 
 def measure_winners(g: GramBlocks, winners: Winners, geometry: Geometry,
                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False) -> Tensor:
     """``(n_q, n_r)`` measure (squared distance, cosine or dot product) of each
-    entry's winner, with gradient to the Gram blocks."""
+    entry's winner, with gradient to the Gram blocks (for one set the diagonal,
+    a sample against itself, is 0)."""
     return _MeasureAtOptimum.apply(g.qq, g.rr, g.qr, winners, geometry, chunk_elements, compile)

@@ -74,11 +74,13 @@ def _edge_weights(y1: Tensor, y2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return y1 - c * y2, y2 - c * y1
 
 
-def _edge_cosine(y1: Tensor, y2: Tensor, w: tuple[Tensor, Tensor], inv_det: Tensor, penalty: Tensor,
-                 none: Tensor) -> Tensor:
-    # cos(y, projection) = sqrt(y^T adj y / det).
+def _edge_cosine(y1: Tensor, y2: Tensor, w: tuple[Tensor, Tensor], inv_det: Tensor, penalty: Tensor) -> Tensor:
+    # cos(y, projection) = sqrt(y^T adj y / det); a point off the arc (a
+    # negative weight) drops below every cosine. sign() rather than a mask and
+    # a select: on the CPU those cost several times an arithmetic pass.
     cos = ((y1 * w[0] + y2 * w[1]) * inv_det).clamp_min(0).sqrt()
-    return torch.where(torch.minimum(w[0], w[1]) < 0, none, cos + penalty)
+    off = torch.minimum(w[0], w[1]).clamp_max(0).sign()  # -1 off the arc, else 0
+    return torch.add(cos + penalty, off, alpha=-_NONE)
 
 
 def _interior(g12, g34, g13, g14, g23, g24) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -118,8 +120,8 @@ def arc_candidate_groups(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g23
     # arc A: (g13, g23), (g14, g24).
     yb1, yb2 = corners[0::2], corners[1::2]
     ya1, ya2 = corners[:2], corners[2:]
-    e12 = _edge_cosine(yb1, yb2, _edge_weights(yb1, yb2, g34), inv_b, pen_b, none)
-    e34 = _edge_cosine(ya1, ya2, _edge_weights(ya1, ya2, g12), inv_a, pen_a, none)
+    e12 = _edge_cosine(yb1, yb2, _edge_weights(yb1, yb2, g34), inv_b, pen_b)
+    e34 = _edge_cosine(ya1, ya2, _edge_weights(ya1, ya2, g12), inv_a, pen_a)
     mu, (a1, a2, b1, b2) = _interior(g12, g34, g13, g14, g23, g24)
     # (l, R l) has p.q >= 0, so only a common sign flip is allowed; a zero
     # vector has no direction.
