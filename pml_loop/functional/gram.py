@@ -73,10 +73,13 @@ def best_in_groups(groups: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Largest value and its index over candidates given in groups ``(k_g, *S)``
     (indices run on across groups; the first wins a tie).
 
-    A running comparison with float masks and ``lerp``: on the CPU a maximum
-    with indices, ``argmax`` and ``torch.where`` cost several times these
-    elementwise passes (torch 2.13, measured).
+    On the CPU a running comparison with float masks and ``lerp``: there a
+    maximum with indices, ``argmax`` and ``torch.where`` cost several times
+    these elementwise passes (torch 2.13, measured). On a GPU, where each pass
+    is a kernel launch, one maximum over the stacked candidates.
     """
+    if groups[0].device.type != "cpu":  # a GPU launches one kernel per pass: fewer, wider ones
+        return torch.cat(groups).max(0)
     values = [v for group in groups for v in group.unbind(0)]
     steps = torch.arange(len(values), dtype=values[0].dtype, device=values[0].device)
     best, which = values[0], torch.zeros_like(values[0])
