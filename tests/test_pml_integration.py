@@ -290,8 +290,19 @@ def test_degenerate_batches_have_finite_gradients():
 
 
 def test_compiled_search_matches_eager():
-    """compile=True (torch.compile'd kernels, eager fallback) gives the same loss and gradient."""
+    """compile=True (torch.compile'd kernels) gives the same loss and gradient,
+    and really ran compiled: a silent fallback to eager fails the test."""
+    import pml_loop.batch_loop as bl
+    import pml_loop.functional.compiled as compiled
     emb, labels = _batch(12, d=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the fallback warns: make it fail here
+        _compare_compiled(emb, labels)
+    assert {bl._block_scores, bl._measure_entries, bl._partials_entries} <= set(compiled._compiled)
+    assert not compiled._failed
+
+
+def _compare_compiled(emb, labels):
     for distance in (LpDistance(), LpDistance(normalize_embeddings=False)):
         results = []
         for compile in (False, True):
