@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import PairWeights, QuadGram, best_in_groups, constant
+from .gram import PairWeights, QuadGram, constant
 
 
 def _norm_sq(w1: Tensor, w2: Tensor, g11: Tensor, g12: Tensor, g22: Tensor) -> Tensor:
@@ -172,22 +172,6 @@ def arc_candidate_weights(g12: Tensor, g34: Tensor, g13: Tensor, g14: Tensor, g2
     tiny = torch.finfo(g13.dtype).tiny
     sa, sb = (w[0] + w[1]).clamp_min(tiny), (w[2] + w[3]).clamp_min(tiny)
     return PairWeights(w[0] / sa, w[1] / sa, w[2] / sb, w[3] / sb)
-
-
-@torch.no_grad()
-def closest_arc(q: QuadGram) -> tuple[Tensor, PairWeights]:
-    """Largest cosine between the two arcs (closed form, taking the inputs as
-    unit vectors), and the weights of its points (valid for any inputs; measure
-    them exactly with :func:`arc_cosine`). Shapes: the broadcast shape of ``q``."""
-    g = (q.g12, q.g34, q.g13, q.g14, q.g23, q.g24)
-    cos, which = best_in_groups(arc_candidate_groups(*g))
-    return cos, arc_candidate_weights(*g, which)
-
-
-@torch.no_grad()
-def closest_arc_weights(q: QuadGram) -> PairWeights:
-    """Conic weights of the closest points of the two arcs (largest p.q)."""
-    return closest_arc(q)[1]
 
 
 def arc_angles(q: QuadGram, w: PairWeights) -> tuple[Tensor, Tensor]:

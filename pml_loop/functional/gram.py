@@ -62,16 +62,24 @@ def quad_gram(x1: Tensor, x2: Tensor, x3: Tensor, x4: Tensor) -> QuadGram:
     )
 
 
-@functools.lru_cache(maxsize=64)
 def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant table, made once per device and dtype: building it per
-    call would copy from the host, which waits for the GPU."""
+    call would copy from the host, which waits for the GPU. Inside
+    ``torch.compile`` it is a plain graph constant (no cache to trace)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(values, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
 
 
 def best_in_groups(groups: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Largest value and its index over candidates given in groups ``(k_g, *S)``
-    (indices run on across groups; the first wins a tie).
+    (indices run on across groups; on the CPU the first wins a tie, on a GPU any
+    of the tied ones: tied candidates are equally optimal points).
 
     On the CPU a running comparison with float masks and ``lerp``: there a
     maximum with indices, ``argmax`` and ``torch.where`` cost several times

@@ -86,6 +86,17 @@ def optimal_weights(q: QuadGram, geometry: Geometry) -> PairWeights:
     return candidate_weights(q, best_candidate(q, geometry)[1], geometry)
 
 
+def closest_arc_weights(q: QuadGram) -> PairWeights:
+    """Conic weights of the closest points of two arcs (largest p.q)."""
+    return optimal_weights(q, "arc")
+
+
+def closest_segment_params(q: QuadGram) -> tuple[Tensor, Tensor]:
+    """Optimal (s, t) in [0, 1]^2 of two segments; shapes broadcast of ``q``."""
+    w = optimal_weights(q, "segment")
+    return w.a2, w.b2
+
+
 def measure_at(q: QuadGram, w: PairWeights, geometry: Geometry) -> Tensor:
     """Squared distance ("segment"), cosine ("arc") or dot product ("dot") at ``w``."""
     if geometry == "segment":

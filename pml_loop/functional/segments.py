@@ -66,21 +66,6 @@ def segment_candidates(q: QuadGram) -> tuple[Tensor, Tensor, Tensor]:
     return s, t, sq
 
 
-@torch.no_grad()
-def closest_segment(q: QuadGram) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Smallest squared distance between the segments (clamped at 0), and its (s, t)."""
-    s, t, sq = segment_candidates(q)
-    best, which = sq.min(0)
-    at = which.unsqueeze(0)
-    return best.clamp_min(0), (s.gather(0, at).squeeze(0), t.gather(0, at).squeeze(0))
-
-
-@torch.no_grad()
-def closest_segment_params(q: QuadGram) -> tuple[Tensor, Tensor]:
-    """Optimal (s, t) in [0, 1]^2 for every quadruple; shapes broadcast of ``q``."""
-    return closest_segment(q)[1]
-
-
 def segment_weights(s: Tensor, t: Tensor) -> PairWeights:
     return PairWeights(1 - s, s, 1 - t, t)
 
