@@ -220,6 +220,14 @@ def test_main_runs_from_config_folders(tmp_path, capsys):
     (["--loss_funcs~OVERRIDE~", "{metric_loss: {TripletMarginLos: {margin: 0.1}}}"], "did you mean TripletMarginLoss"),
     (["--loss_funcs~OVERRIDE~", "{metric_loss: {TripletMarginLoss: {margn: 0.1}}}"], "margn"),
     (["--eval_primary_metric", "recall_at_16"], "eval_primary_metric"),
+    (["--trainer~APPLY~2", "{batch_size: -64}"], "batch_size must be a positive integer, got -64"),
+    (["--trainer~APPLY~2", "{batch_size: 0}"], "batch_size must be a positive integer, got 0"),
+    (["--sampler", "{MPerClassSampler: {m: 16}}"], "one class in each batch: no negatives"),
+    (["--sampler", "{MPerClassSampler: {m: 3}}"], "m = 3 does not divide the batch size 16"),
+    (["--trainer~APPLY~2", "{batch_size: 64}"], "needs 16 classes, the train split has 9"),
+    (["--config_dataset", "cub200"], "pass --dataset_root"),
+    (["--config_dataset", "cub200", "--dataset_root", "/nonexistent"], "/nonexistent"),
+    (["--splits_to_eval_at_best", "[val]"], "both name ['val']"),
 ])
 def test_bad_config_stops_before_training(tmp_path, capsys, monkeypatch, override, message):
     def must_not_train(*args, **kwargs):
@@ -235,6 +243,31 @@ def test_bad_config_stops_before_training(tmp_path, capsys, monkeypatch, overrid
     assert not (tmp_path / "bad").exists()
 
 
+def test_test_split_evaluated_once_at_the_best_epoch(tmp_path):
+    every_epoch = runner.run_experiment(tiny_config(), str(tmp_path / "every")).folds[0]
+    at_best = runner.run_experiment(
+        tiny_config(splits_to_eval=["val"], splits_to_eval_at_best=["test"]), str(tmp_path / "best")
+    ).folds[0]
+    # the same training (evaluation draws no random numbers), so the same best
+    # epoch, and the test score of that epoch's models without testing each epoch
+    assert at_best.state.best_epoch == every_epoch.state.best_epoch
+    assert at_best.state.best_accuracies["test"] == pytest.approx(every_epoch.state.best_accuracies["test"])
+    rows, columns = accuracy_table(at_best.folder, "test")
+    assert [r[columns.index("~iteration~")] for r in rows] == [at_best.state.best_epoch]
+    assert all("test" not in h.get("accuracies", {}) for h in at_best.state.history)
+
+
+def test_a_finished_run_missing_its_at_best_split_only_evaluates(tmp_path):
+    cfg = tiny_config(splits_to_eval=["val"], num_epochs_train=2)
+    first = runner.run_experiment(cfg, str(tmp_path / "exp")).folds[0].state
+    assert "test" not in first.best_accuracies
+    again = runner.run_experiment(dict(cfg, splits_to_eval_at_best=["test"]), str(tmp_path / "exp"),
+                                  resume="latest").folds[0]
+    assert not again.skipped and "test" in again.state.best_accuracies
+    assert again.state.epoch == 2 and again.state.history == first.history  # nothing trained
+    assert again.state.wall_seconds > first.wall_seconds
+
+
 def test_mlp_embedder_gets_the_trunk_output_size_prepended():
     # powerful-benchmarker's convention: layer_sizes omits the input size
     cfg = tiny_config(models={"trunk": {"Linear": {"in_features": DIM, "out_features": 16}},
@@ -243,3 +276,18 @@ def test_mlp_embedder_gets_the_trunk_output_size_prepended():
     linears = [m for m in models["embedder"].modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(16, 32), (32, 8)]
     assert models["embedder"](models["trunk"](torch.zeros(3, DIM))).shape == (3, 8)
+
+
+def test_console_has_one_bar_per_run_and_no_faiss_chatter(tmp_path, capfd):
+    configs = write_tiny_config_folders(tmp_path / "configs")
+    argv = ["--experiment_name", "exp", "--root_experiment_folder", str(tmp_path),
+            "--root_config_folder", str(configs), "--num_epochs_train", "3"]
+    assert bench_main.main(argv) == 0
+    err = capfd.readouterr().err
+    # PML's trainer and tester bars ("total_loss=..." per epoch, one per split) are off
+    assert "total_loss=" not in err
+    # faiss's C++ warning (every k-means on a split with few points per class) is gone
+    assert "please provide at least" not in err
+    # our one bar: "exp/fold_0" with the whole run's 3 x 6 iterations
+    assert "exp/fold_0" in err and "18/18" in err
+    assert err.count("\r") + err.count("\n") < 20, err

@@ -18,7 +18,7 @@ import pml_loop
 from pml_loop.bench.cli import DEFAULT_ROOT_EXPERIMENT_FOLDER, experiment_dir, make_config, parse_args
 from pml_loop.bench.config import (
     CONFIG_FOLDERS,
-    REQUIRED_KEYS,
+    SCHEMA_KEYS,
     load_config_folders,
     load_yaml_file,
     package_config_root,
@@ -78,7 +78,7 @@ def test_yaml_parses_and_keys_belong_to_its_folder(path):
     owners = _owner_of_each_key()
     for raw_key in load_yaml_file(path):
         key = parse_merge_key(raw_key, str(path)).name
-        assert key in REQUIRED_KEYS, f"{path}: {key} is not a schema key"
+        assert key in SCHEMA_KEYS, f"{path}: {key} is not a schema key"
         assert owners[key] == folder, f"{path}: {key} belongs in {owners[key]}"
 
 

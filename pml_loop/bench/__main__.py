@@ -65,6 +65,7 @@ def prepare(argv: Optional[Sequence[str]]) -> tuple:
     cfg, provenance = cli.make_config(namespace, overrides)
     registry.check_buildable(cfg, provenance)
     runner.check_run_config(cfg)
+    runner.check_data(cfg, namespace.dataset_root)
     return namespace, cfg, provenance
 
 

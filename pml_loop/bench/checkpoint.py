@@ -45,6 +45,9 @@ class TrainingState:
     best_accuracies: Dict[str, Dict[str, float]] = field(default_factory=dict)
     # per evaluated epoch: {"epoch", "seconds_per_iteration", split metrics...}
     history: list = field(default_factory=list)
+    # seconds this fold has spent building, training and evaluating, summed
+    # over every session (a resume adds to it, a skipped rerun does not)
+    wall_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -29,6 +29,9 @@ from .config import ConfigError
 from .plots import plot_curves
 
 DEFAULT_LOSSES = ("triplet", "loop_triplet", "multi_similarity", "loop_multi_similarity")
+# Three seeds: the table shows its own spread (one seed's MAP@R moves more
+# between epochs than LoOp's effect).
+DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_ROOT = os.path.join("experiments", "compare")
 TABLE_METRICS = (
     ("R@1", "recall_at_1"),
@@ -53,6 +56,7 @@ class RunSummary:
     curve_split: str = "test"
     curve: List[tuple] = field(default_factory=list)  # [(epoch, value)]
     skipped: bool = False
+    wall_seconds: float = 0.0  # training and evaluation, over every session
 
 
 # ----------------------------------------------------------------- running
@@ -66,7 +70,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
     )
     parser.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES),
                         help="config_loss_and_miners files layered on default")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
     parser.add_argument("--root_experiment_folder", default=DEFAULT_ROOT)
     parser.add_argument("--dataset_root", default=None)
     parser.add_argument("--root_config_folder", default=None)
@@ -103,6 +107,7 @@ def run_one(loss: str, seed: int, options: argparse.Namespace, passthrough: Sequ
     cfg, provenance = cli.make_config(namespace, overrides)
     registry.check_buildable(cfg, provenance)
     runner.check_run_config(cfg)
+    runner.check_data(cfg, options.dataset_root)
     config.save_config(cfg, provenance, directory)
     result = runner.run_experiment(
         cfg, directory, resume="latest" if resume else None, dataset_root=options.dataset_root
@@ -114,7 +119,8 @@ def summarize_run(loss: str, seed: int, result: runner.ExperimentResult) -> RunS
     """The first fold's best-epoch metrics and its learning curve."""
     fold = result.folds[0]
     best = fold.state.best_accuracies
-    curve_split = "test" if "test" in best else next(iter(best), "test")
+    evaluated = [s for h in fold.state.history for s in h.get("accuracies", {})]
+    curve_split = "test" if "test" in evaluated else next(iter(evaluated), "test")
     curve = [
         (h["epoch"], h["accuracies"][curve_split][CURVE_METRIC])
         for h in fold.state.history
@@ -125,15 +131,18 @@ def summarize_run(loss: str, seed: int, result: runner.ExperimentResult) -> RunS
         test=best.get("test", {}), val=best.get("val", {}),
         best_epoch=fold.state.best_epoch, seconds_per_iteration=fold.seconds_per_iteration,
         curve_split=curve_split, curve=curve, skipped=fold.skipped,
+        wall_seconds=sum(f.state.wall_seconds for f in result.folds),
     )
 
 
 # ----------------------------------------------------------------- tables
 def mean_std(values: Sequence[Optional[float]]) -> tuple:
+    """Mean and sample standard deviation (None with fewer than two values)."""
     present = [v for v in values if v is not None]
     if not present:
         return None, None
-    return float(np.mean(present)), float(np.std(present))
+    std = float(np.std(present, ddof=1)) if len(present) > 1 else None
+    return float(np.mean(present)), std
 
 
 def aggregate(runs: Sequence[RunSummary], losses: Sequence[str]) -> List[Dict[str, Any]]:
@@ -152,8 +161,20 @@ def aggregate(runs: Sequence[RunSummary], losses: Sequence[str]) -> List[Dict[st
     return rows
 
 
+def difference(loop: tuple, plain: tuple, n_loop: int, n_plain: int) -> tuple:
+    """(mean difference, its standard error) of two (mean, std) cells; the
+    error is None without a spread on both sides."""
+    (a, sa), (b, sb) = loop, plain
+    if a is None or b is None:
+        return None, None
+    if sa is None or sb is None:
+        return a - b, None
+    return a - b, float(np.sqrt(sa**2 / n_loop + sb**2 / n_plain))
+
+
 def loop_gains(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """For each `x` with a `loop_x` row: LoOp minus plain, per metric."""
+    """For each `x` with a `loop_x` row: LoOp minus plain, per metric, with
+    the standard error of the difference over seeds."""
     by_loss = {r["loss"]: r for r in rows}
     gains = []
     for loss, row in by_loss.items():
@@ -162,8 +183,7 @@ def loop_gains(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             continue
         gain = {"loss": plain["loss"]}
         for label, _ in TABLE_METRICS:
-            a, b = row[label][0], plain[label][0]
-            gain[label] = None if a is None or b is None else a - b
+            gain[label] = difference(row[label], plain[label], row["seeds"], plain["seeds"])
         a, b = row["s/it"][0], plain["s/it"][0]
         gain["s/it ratio"] = None if not a or not b else a / b
         gains.append(gain)
@@ -208,10 +228,17 @@ def format_markdown_table(header: Sequence[str], cells: Sequence[Sequence[str]])
     return "\n".join(lines)
 
 
+def _gain_cell(value: tuple, digits: int = 4) -> str:
+    mean, error = value
+    if mean is None:
+        return "-"
+    return f"{mean:+.{digits}f}" if error is None else f"{mean:+.{digits}f} ± {error:.{digits}f}"
+
+
 def gain_cells(gains: Sequence[Dict[str, Any]]) -> tuple:
-    header = ["LoOp - plain"] + [label for label, _ in TABLE_METRICS] + ["s/it ratio"]
+    header = ["LoOp - plain (± s.e.)"] + [label for label, _ in TABLE_METRICS] + ["s/it ratio"]
     cells = [
-        [g["loss"]] + [_cell(g[label]) for label, _ in TABLE_METRICS]
+        [g["loss"]] + [_gain_cell(g[label]) for label, _ in TABLE_METRICS]
         + ["-" if g["s/it ratio"] is None else f"{g['s/it ratio']:.2f}x"]
         for g in gains
     ]
@@ -232,10 +259,11 @@ def write_results(runs: Sequence[RunSummary], losses: Sequence[str], folder: str
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
         metrics = [m for _, m in TABLE_METRICS]
-        writer.writerow(["loss", "loop", "seed", "best_epoch", "seconds_per_iteration"]
+        writer.writerow(["loss", "loop", "seed", "best_epoch", "seconds_per_iteration", "wall_seconds"]
                         + [f"test_{m}" for m in metrics] + [f"val_{CURVE_METRIC}", "experiment_dir"])
         for r in runs:
-            writer.writerow([r.loss, r.loss.startswith("loop_"), r.seed, r.best_epoch, r.seconds_per_iteration]
+            writer.writerow([r.loss, r.loss.startswith("loop_"), r.seed, r.best_epoch, r.seconds_per_iteration,
+                             round(r.wall_seconds, 3)]
                             + [r.test.get(m) for m in metrics] + [r.val.get(CURVE_METRIC), r.experiment_dir])
     curves = {loss: [tuple(zip(*r.curve)) for r in runs if r.loss == loss and r.curve] for loss in losses}
     split = runs[0].curve_split if runs else "test"
@@ -273,10 +301,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
+    wall = sum(r.wall_seconds for r in runs)
     note = (
-        f"Test metrics at the epoch with the best val MAP@R; s/it = mean seconds per training "
-        f"iteration of the fastest epoch (other jobs only slow epochs down). Seeds {options.seeds}; overrides {' '.join(passthrough) or 'none'}; "
-        f"wall time {elapsed:.0f} s."
+        f"Test metrics at the epoch with the best val MAP@R, mean ± standard deviation over "
+        f"seeds {options.seeds}; s/it = mean seconds per training iteration of the fastest epoch "
+        f"(other jobs only slow epochs down). Overrides: {' '.join(passthrough) or 'none'}. "
+        f"Wall time of the runs: {wall:.0f} s (this call: {elapsed:.0f} s)."
     )
     paths = write_results(runs, options.losses, options.root_experiment_folder, note)
     print()

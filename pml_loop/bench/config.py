@@ -737,6 +737,12 @@ SCHEMA_CHECKS = {
     "splits_to_eval": _str_list_error,
 }
 REQUIRED_KEYS: tuple[str, ...] = tuple(SCHEMA_CHECKS)
+# Keys added after configs were first saved: absent means their default, so
+# saved experiments stay valid.
+OPTIONAL_CHECKS = {
+    "splits_to_eval_at_best": lambda v: None if v is None or v == [] else _str_list_error(v),
+}
+SCHEMA_KEYS: tuple[str, ...] = (*REQUIRED_KEYS, *OPTIONAL_CHECKS)
 
 
 def validate_config(
@@ -764,10 +770,14 @@ def validate_config(
         problem = check(cfg[key])
         if problem:
             problems.append(f"{where_of(provenance, [key])}: {problem}")
+    for key, check in OPTIONAL_CHECKS.items():
+        problem = check(cfg[key]) if key in cfg else None
+        if problem:
+            problems.append(f"{where_of(provenance, [key])}: {problem}")
     if not allow_unknown:
         for key in cfg:
-            if key not in SCHEMA_CHECKS:
-                hint = difflib.get_close_matches(str(key), REQUIRED_KEYS, n=1)
+            if key not in SCHEMA_KEYS:
+                hint = difflib.get_close_matches(str(key), SCHEMA_KEYS, n=1)
                 suggestion = f"; did you mean {hint[0]}?" if hint else ""
                 problems.append(f"{where_of(provenance, [key])}: unknown top-level key{suggestion}")
     if problems:
@@ -789,6 +799,7 @@ __all__ = [
     "MergeKey",
     "Provenance",
     "REQUIRED_KEYS",
+    "SCHEMA_KEYS",
     "available_configs",
     "dump_yaml",
     "find_config_file",

@@ -10,13 +10,14 @@ to PML's pure-torch `CustomKNN` and a small torch k-means.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils import accuracy_calculator as pml_acc
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-from pytorch_metric_learning.utils.inference import CustomKNN
+from pytorch_metric_learning.utils.inference import CustomKNN, FaissKMeans
 
 DEFAULT_RECALL_AT = (1, 2, 4, 8)
 # What a DML paper table reports; AMI, MAP and MRR stay available via `include`.
@@ -140,11 +141,36 @@ def make_knn_func(backend: str = "auto", batch_size: Optional[int] = 4096) -> Ca
 def make_kmeans_func(backend: str = "auto", device: Optional[torch.device] = None) -> Callable:
     """A k-means callable: faiss.Kmeans (20 iterations, as PML) or TorchKMeans."""
     if _use_faiss(backend):
-        from pytorch_metric_learning.utils.inference import FaissKMeans
-
         gpu = device is not None and torch.device(device).type == "cuda"
-        return FaissKMeans(niter=20, gpu=gpu)
+        return QuietFaissKMeans(niter=20, gpu=gpu)
     return TorchKMeans(niter=20)
+
+
+# faiss prints "please provide at least N training points" from C++ on every
+# call with fewer points per centroid than this (NMI on a retrieval split
+# always has: few samples per class); one Python warning replaces them.
+FAISS_MIN_POINTS_PER_CENTROID = 39
+
+
+class QuietFaissKMeans(FaissKMeans):
+    """PML's FaissKMeans that warns once per process about few points per
+    cluster. `min_points_per_centroid=1` only silences faiss's message; the
+    clustering is unchanged."""
+
+    warned = False
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(min_points_per_centroid=1, **kwargs)
+
+    def __call__(self, x: torch.Tensor, nmb_clusters: int) -> torch.Tensor:
+        if len(x) < nmb_clusters * FAISS_MIN_POINTS_PER_CENTROID and not QuietFaissKMeans.warned:
+            QuietFaissKMeans.warned = True
+            warnings.warn(
+                f"k-means for NMI: {len(x)} points for {nmb_clusters} clusters (faiss advises "
+                f"{FAISS_MIN_POINTS_PER_CENTROID} per cluster); NMI is computed anyway. Shown once.",
+                stacklevel=2,
+            )
+        return super().__call__(x, nmb_clusters)
 
 
 def _use_faiss(backend: str) -> bool:

@@ -16,6 +16,7 @@ Layout, as powerful-benchmarker's::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,8 +34,10 @@ from pytorch_metric_learning.utils.logging_presets import HookContainer
 from . import checkpoint as ckpt
 from . import registry
 from .config import ConfigError
+from .progress import RunProgress, pml_bars_silenced
 
 LOGGER = logging.getLogger(__name__)
+EVAL_SPLITS = {"train", "val", "test", "train+val"}
 
 LOG_EVERY_N_ITERATIONS = 10
 TIMING_TABLE = "timing"
@@ -42,6 +45,7 @@ TIMING_TABLE = "timing"
 EPOCH_TABLE_PREFIXES = ("accuracies", TIMING_TABLE)
 SCHEDULER_SUFFIXES = ("_scheduler_by_epoch", "_scheduler_by_iteration", "_scheduler_by_plateau")
 RESUME_CHOICES = (ckpt.LATEST, ckpt.BEST)
+METRIC_ABBREVIATIONS = {"mean_average_precision_at_r": "MAP@R", "precision_at_1": "P@1"}
 SUMMARY_EXTRA_KEYS = ("seconds_per_iteration", "median_seconds_per_iteration", "best_epoch")
 
 
@@ -123,15 +127,49 @@ def spec_kwargs(spec: Mapping[str, Any]) -> dict:
 
 
 def trainer_settings(cfg: Mapping[str, Any]) -> dict:
-    """batch_size and iterations_per_epoch from the trainer spec."""
+    """batch_size and iterations_per_epoch from the trainer spec, checked."""
+    name = f"trainer.{spec_class(cfg['trainer'])}"
     kwargs = spec_kwargs(cfg["trainer"])
-    missing = [k for k in ("batch_size", "iterations_per_epoch") if not kwargs.get(k)]
+    missing = [k for k in ("batch_size", "iterations_per_epoch") if kwargs.get(k) is None]
     if missing:
         raise ConfigError(
-            f"trainer.{spec_class(cfg['trainer'])}: set {', '.join(missing)} "
-            "(the sampler and the log layout depend on them)"
+            f"{name}: set {', '.join(missing)} (the sampler and the log layout depend on them)"
         )
+    for key in ("batch_size", "iterations_per_epoch"):
+        value = kwargs[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}.{key} must be a positive integer, got {value!r}")
     return kwargs
+
+
+def check_sampler(cfg: Mapping[str, Any], labels: Optional[np.ndarray] = None) -> None:
+    """An MPerClassSampler whose batches can hold positives and negatives:
+    m divides the batch and the batch has at least two classes (one class
+    per batch trains on nothing: no negative exists). With the train
+    labels, also that there are enough classes to fill a batch."""
+    spec = cfg.get("sampler")
+    if not spec or spec_class(spec) != "MPerClassSampler":
+        return
+    kwargs = spec_kwargs(spec)
+    batch_size = kwargs.get("batch_size", trainer_settings(cfg)["batch_size"])
+    m = kwargs.get("m")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ConfigError(f"sampler.MPerClassSampler.m must be a positive integer, got {m!r}")
+    if batch_size % m:
+        raise ConfigError(
+            f"sampler.MPerClassSampler.m = {m} does not divide the batch size {batch_size}"
+        )
+    classes_per_batch = batch_size // m
+    if classes_per_batch < 2:
+        raise ConfigError(
+            f"sampler.MPerClassSampler.m = {m} with batch size {batch_size} puts one class in "
+            "each batch: no negatives, nothing to learn. Use m <= batch_size / 2."
+        )
+    if labels is not None and len(np.unique(labels)) < classes_per_batch:
+        raise ConfigError(
+            f"sampler: a batch of {batch_size} with m = {m} needs {classes_per_batch} classes, "
+            f"the train split has {len(np.unique(labels))}"
+        )
 
 
 def primary_split(cfg: Mapping[str, Any]) -> str:
@@ -160,8 +198,13 @@ def build_transforms(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     }
 
 
+def eval_splits(cfg: Mapping[str, Any]) -> List[str]:
+    """Every split evaluated: each epoch's, then those evaluated once at the best epoch."""
+    return list(cfg["splits_to_eval"]) + list(cfg.get("splits_to_eval_at_best") or ())
+
+
 def build_datasets(cfg: Mapping[str, Any], fold: int, dataset_root: Optional[str]) -> Dict[str, Any]:
-    """The train split of `fold` plus every split in splits_to_eval."""
+    """The train split of `fold` plus every evaluated split."""
     transforms = build_transforms(cfg)
     num_folds = cfg["splits"]["num_folds"]
 
@@ -172,7 +215,7 @@ def build_datasets(cfg: Mapping[str, Any], fold: int, dataset_root: Optional[str
         )
 
     datasets = {"train": make("train", transforms["train"])}
-    for split in cfg["splits_to_eval"]:
+    for split in eval_splits(cfg):
         # "train" is evaluated without augmentation, so built again.
         datasets[f"eval:{split}"] = make(split, transforms["eval"])
     return datasets
@@ -292,13 +335,34 @@ def build_accuracy_calculator(cfg: Mapping[str, Any], device: Optional[torch.dev
 def check_run_config(cfg: Mapping[str, Any]) -> None:
     """Runner-level checks that need no data: raises ConfigError."""
     trainer_settings(cfg)
-    unknown = set(cfg["splits_to_eval"]) - {"train", "val", "test", "train+val"}
-    if unknown:
-        raise ConfigError(f"splits_to_eval: unknown split(s) {sorted(unknown)}")
+    check_sampler(cfg)
+    for key in ("splits_to_eval", "splits_to_eval_at_best"):
+        unknown = set(cfg.get(key) or ()) - EVAL_SPLITS
+        if unknown:
+            raise ConfigError(f"{key}: unknown split(s) {sorted(unknown)}")
+    both = set(cfg["splits_to_eval"]) & set(cfg.get("splits_to_eval_at_best") or ())
+    if both:
+        raise ConfigError(f"splits_to_eval and splits_to_eval_at_best both name {sorted(both)}")
     build_accuracy_calculator(cfg, torch.device("cpu"))
 
 
-# ------------------------------------------------------------- record keeping
+def check_data(cfg: Mapping[str, Any], dataset_root: Optional[str]) -> None:
+    """Build the first fold's train split (image loaders only read their
+    index) so a missing folder, a missing --dataset_root or too few classes
+    for the sampler stop the run before its folder is written."""
+    from ..data import DatasetLayoutError
+
+    first_fold = cfg["splits"]["folds"][0]
+    try:
+        dataset = registry.build(
+            cfg["dataset"], where="dataset", root=dataset_root, split="train",
+            fold=first_fold, num_folds=cfg["splits"]["num_folds"], transform=None,
+        )
+    except DatasetLayoutError as exc:
+        raise ConfigError(str(exc)) from exc
+    check_sampler(cfg, dataset_labels(dataset))
+
+
 def make_record_keeper(csv_folder: str, tensorboard_folder: str, purge_step: Optional[int]) -> Any:
     """record-keeper writing CSVs + logs.db and tensorboard. `purge_step` makes
     TensorBoard discard events a killed run logged after the resumed step."""
@@ -350,6 +414,9 @@ class FoldTraining:
         self.primary_metric = cfg["eval_primary_metric"]
         self.primary_split = primary_split(cfg)
         self.state = ckpt.TrainingState()
+        self._session_start = time.perf_counter()
+        self._wall_before = 0.0
+        self.progress: Optional[RunProgress] = None
         seed_everything(cfg["seed"] + fold)
         self._build(dataset_root)
 
@@ -382,6 +449,7 @@ class FoldTraining:
         if saved is None:
             return False
         self.state = ckpt.restore_checkpoint(saved, **self.checkpoint_objects())
+        self._wall_before = self.state.wall_seconds
         return True
 
     # -- logging
@@ -409,11 +477,15 @@ class FoldTraining:
             self.record_keeper.tensorboard_writer.close()
 
     # -- evaluation
-    def evaluate(self, epoch: int) -> Dict[str, Dict[str, float]]:
+    def evaluate(
+        self, epoch: int, splits: Optional[List[str]] = None, models: Optional[Mapping[str, Any]] = None
+    ) -> Dict[str, Dict[str, float]]:
+        """Test `splits` (default: splits_to_eval) with `models` (default: the trained ones)."""
         start = time.perf_counter()
+        models = models or self.models
         raw = self.tester.test(
-            self.eval_datasets, epoch, self.models["trunk"], self.models["embedder"],
-            splits_to_eval=[(s, [s]) for s in self.cfg["splits_to_eval"]],
+            self.eval_datasets, epoch, models["trunk"], models["embedder"],
+            splits_to_eval=[(s, [s]) for s in splits or self.cfg["splits_to_eval"]],
         )
         accuracies = {split: clean_accuracies(values) for split, values in raw.items()}
         self.record_keeper.update_records(
@@ -445,6 +517,10 @@ class FoldTraining:
         """Evaluate, log, checkpoint. Returns whether training should go on."""
         accuracies = self.evaluate(epoch)
         is_best = self._update_best(epoch, accuracies)
+        if self.progress is not None:
+            name = METRIC_ABBREVIATIONS.get(self.primary_metric, self.primary_metric)
+            value = accuracies[self.primary_split][self.primary_metric]
+            self.progress.show(**{f"{self.primary_split} {name}": f"{value:.4f}"})
         self.state.epoch = epoch
         self._record_history(epoch, accuracies, seconds_per_iteration)
         # records first, then the checkpoint: a kill in between leaves records
@@ -458,12 +534,14 @@ class FoldTraining:
         return True
 
     def _save(self, is_best: bool) -> None:
+        self.state.wall_seconds = self._wall_before + time.perf_counter() - self._session_start
         ckpt.save_checkpoint(
             self.dirs["saved_models"], state=self.state, is_best=is_best, **self.checkpoint_objects()
         )
 
     # -- hooks for the PML trainer
     def end_of_iteration_hook(self, trainer: Any) -> None:
+        self.progress.step()
         if trainer.iteration % LOG_EVERY_N_ITERATIONS != 0:
             return
         it = trainer.get_global_iteration()
@@ -503,23 +581,62 @@ class FoldTraining:
         )
 
     def train(self) -> None:
-        start_epoch = self.state.epoch + 1
-        if self.state.epoch == 0 and not self.state.history and self.cfg["check_untrained_accuracy"]:
-            self.evaluate_and_checkpoint(0, None)
-        if start_epoch <= self.cfg["num_epochs_train"]:
-            trainer = self.build_trainer()
-            self._epoch_start = time.perf_counter()
-            trainer.train(start_epoch=start_epoch, num_epochs=self.cfg["num_epochs_train"])
-        self.state.finished = True
+        with pml_bars_silenced():
+            start_epoch = self.state.epoch + 1
+            if self.state.epoch == 0 and not self.state.history and self.cfg["check_untrained_accuracy"]:
+                self.evaluate_and_checkpoint(0, None)
+            if not training_done(self.state, self.cfg):
+                trainer = self.build_trainer()
+                ipe = self.settings["iterations_per_epoch"]
+                self.progress = RunProgress(
+                    os.path.join(os.path.basename(os.path.dirname(self.folder)), os.path.basename(self.folder)),
+                    total=self.cfg["num_epochs_train"] * ipe, done=self.state.epoch * ipe,
+                )
+                try:
+                    self._epoch_start = time.perf_counter()
+                    trainer.train(start_epoch=start_epoch, num_epochs=self.cfg["num_epochs_train"])
+                finally:
+                    self.progress.close()
+            self.state.finished = True
+            self._save(is_best=False)
+            self.evaluate_at_best()
+
+    def evaluate_at_best(self) -> None:
+        """Evaluate splits_to_eval_at_best once, with the best checkpoint's
+        models: the test score of the epoch chosen on validation, without
+        testing every epoch. Saved in the state, so a resume does not redo it."""
+        splits = missing_at_best(self.state, self.cfg)
+        if not splits:
+            return
+        saved = ckpt.load_checkpoint(self.dirs["saved_models"], ckpt.BEST, map_location=self.device)
+        models = {name: copy.deepcopy(model) for name, model in self.models.items()}
+        ckpt.load_state_dicts(models, saved["models"], "models")
+        # a new dict: the old one is also the best epoch's history entry
+        at_best = self.evaluate(self.state.best_epoch, splits, models)
+        self.state.best_accuracies = {**self.state.best_accuracies, **at_best}
+        self.record_keeper.save_records()
         self._save(is_best=False)
 
 
-def is_complete(state: ckpt.TrainingState, cfg: Mapping[str, Any]) -> bool:
-    """A finished fold needs no more training unless the config now asks for
-    more epochs than it ran (and it did not stop early)."""
+def training_done(state: ckpt.TrainingState, cfg: Mapping[str, Any]) -> bool:
+    """Stopped early, or trained every epoch the config asks for."""
     patience = cfg.get("patience")
     stopped_early = patience is not None and state.evals_without_improvement > patience
-    return state.finished and (stopped_early or state.epoch >= cfg["num_epochs_train"])
+    return stopped_early or state.epoch >= cfg["num_epochs_train"]
+
+
+def missing_at_best(state: ckpt.TrainingState, cfg: Mapping[str, Any]) -> List[str]:
+    """The splits_to_eval_at_best not yet evaluated (none before a best epoch exists)."""
+    if state.best_epoch is None:
+        return []
+    return [s for s in cfg.get("splits_to_eval_at_best") or () if s not in state.best_accuracies]
+
+
+def is_complete(state: ckpt.TrainingState, cfg: Mapping[str, Any]) -> bool:
+    """A finished fold needs no more work unless the config now asks for
+    more epochs than it ran (and it did not stop early), or for a split
+    evaluated at the best epoch that was not."""
+    return state.finished and training_done(state, cfg) and not missing_at_best(state, cfg)
 
 
 def run_fold(
@@ -642,7 +759,7 @@ def evaluate_experiment(
         run.tester = build_tester(cfg, run.device, end_of_testing_hook=lambda tester: None)
         raw = run.tester.test(
             run.eval_datasets, run.state.epoch, run.models["trunk"], run.models["embedder"],
-            splits_to_eval=[(s, [s]) for s in cfg["splits_to_eval"]],
+            splits_to_eval=[(s, [s]) for s in eval_splits(cfg)],
         )
         out[fold] = {split: clean_accuracies(v) for split, v in raw.items()}
     os.makedirs(meta_logs_dir(experiment_dir), exist_ok=True)

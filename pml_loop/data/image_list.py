@@ -74,6 +74,11 @@ class ImageListDataset(Dataset):
             raise ValueError(f"unknown split {split!r}; expected one of {IMAGE_SPLITS}")
         if split == "val" and fold is None:
             raise ValueError(f"{self.name}: split='val' needs a fold (e.g. fold=0)")
+        if root is None:
+            raise DatasetLayoutError(
+                f"{self.name}: no dataset folder given (pass --dataset_root DIR, the folder "
+                f"that holds the dataset).\nExpected layout:\n{self.layout}"
+            )
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetLayoutError(
