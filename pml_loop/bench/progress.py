@@ -14,6 +14,7 @@ import contextlib
 import functools
 import sys
 import types
+import warnings
 from typing import Any, Iterator
 
 import tqdm
@@ -34,7 +35,10 @@ def pml_bars_silenced() -> Iterator[None]:
     for module in patched:
         module.tqdm = silent
     try:
-        yield
+        with warnings.catch_warnings():
+            # PML formats the loss into its (now hidden) bar with "%.5f" % tensor
+            warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+            yield
     finally:
         for module in patched:
             module.tqdm = tqdm
