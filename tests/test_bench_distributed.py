@@ -295,6 +295,8 @@ def test_two_processes_log_what_one_process_logs(one_process, two_processes_one_
     assert out.count("experiment:") == 1  # the summary comes from rank 0 alone
     logs = read_logs(exp / "fold_0")
     _assert_logs_match(logs, expected, last_epoch=1)
+    # one TensorBoard event file, written by rank 0
+    assert len([f for f in os.listdir(exp / "fold_0" / "tensorboard_logs") if f.startswith("events")]) == 1
     # the CSVs hold each row once too
     assert [int(k) for k in csv_keys(exp / "fold_0" / "saved_csvs" / "loss_histories.csv")] == [0, 10]
     saved = ckpt.load_checkpoint(str(exp / "fold_0" / "saved_models"))
