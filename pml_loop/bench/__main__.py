@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from . import cli, config, registry, runner
+from . import cli, config, distributed, registry, runner
 from .config import ConfigError
 
 EXIT_CONFIG_ERROR = 2
@@ -70,19 +70,36 @@ def prepare(argv: Optional[Sequence[str]]) -> tuple:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit status (2 on a config error)."""
+    """Entry point; returns the exit status (2 on a config error).
+
+    Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE set) every process runs this:
+    all of them parse and check the config, the world size is checked against
+    the global batch, and only then is the process group joined; rank 0 alone
+    writes the configs, logs, checkpoints and prints the summary.
+    """
+    context = distributed.SINGLE
     try:
         namespace, cfg, provenance = prepare(argv)
         experiment_dir = str(cli.experiment_dir(namespace))
+        launch = distributed.launch_from_env()
+        if launch is not None:
+            distributed.check_world_size(cfg, launch.world_size)  # before anything is written
+            context = distributed.setup(launch, cfg["device"], namespace.dist_timeout)
+            # every rank has read the saved configs (resume) before rank 0 writes them
+            context.barrier("checking the config")
         if namespace.evaluate:
+            if not context.is_main:
+                return 0  # evaluation needs one process; rank 0 does it
             which = namespace.resume_training or "best"
             results = runner.evaluate_experiment(cfg, experiment_dir, which, namespace.dataset_root)
             print(format_evaluation(results))
             return 0
-        # the saved folder describes what runs, overrides of a resumed run included
-        config.save_config(cfg, provenance, experiment_dir)
+        if context.is_main:
+            # the saved folder describes what runs, overrides of a resumed run included
+            config.save_config(cfg, provenance, experiment_dir)
         result = runner.run_experiment(
-            cfg, experiment_dir, resume=namespace.resume_training, dataset_root=namespace.dataset_root
+            cfg, experiment_dir, resume=namespace.resume_training,
+            dataset_root=namespace.dataset_root, dist=context,
         )
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -90,7 +107,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as exc:  # --evaluate before any model was saved
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(format_summary(result, cfg["eval_primary_metric"]))
+    except distributed.DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown(context)
+    if context.is_main:
+        print(format_summary(result, cfg["eval_primary_metric"]))
     return 0
 
 

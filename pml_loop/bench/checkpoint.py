@@ -100,9 +100,19 @@ def load_state_dicts(objects: Mapping[str, Any], saved: Mapping[str, Any], what:
 
 def sampler_state(sampler: Any) -> Optional[dict]:
     """The mutable part of a sampler. MPerClassSampler shuffles `labels` in
-    place, so its order is state; other samplers may define state_dict()."""
+    place, so its order is state; other samplers may define state_dict().
+
+    A multi-process run's `RankShardSampler` saves the state of the sampler
+    it wraps (the same format as a one-process run) plus its own copy of the
+    numpy stream the order is drawn from (`numpy_random`); that is what lets a
+    run resume with another number of processes (see `restore_sampling_stream`).
+    """
     if sampler is None:
         return None
+    inner = getattr(sampler, "inner_sampler", None)
+    if inner is not None:
+        state = sampler_state(inner) or {}
+        return dict(state, numpy_random=sampler.numpy_state)
     if hasattr(sampler, "state_dict"):
         return {"state_dict": sampler.state_dict()}
     if isinstance(getattr(sampler, "labels", None), list):
@@ -113,10 +123,30 @@ def sampler_state(sampler: Any) -> Optional[dict]:
 def load_sampler_state(sampler: Any, state: Optional[Mapping[str, Any]]) -> None:
     if sampler is None or state is None:
         return
+    sampler = getattr(sampler, "inner_sampler", sampler)
     if "state_dict" in state:
         sampler.load_state_dict(state["state_dict"])
     elif "labels" in state:
         sampler.labels[:] = state["labels"]
+
+
+def restore_sampling_stream(sampler: Any, state: Optional[Mapping[str, Any]], rng: Mapping[str, Any]) -> None:
+    """Continue the random stream the sampler's order is drawn from, whatever
+    number of processes wrote the checkpoint.
+
+    One process draws the order from c_f.NUMPY_RANDOM (saved in rng["pml_numpy"]);
+    several draw it from the RankShardSampler's own copy (saved as the
+    sampler state's numpy_random). Called after the RNGs are restored: the
+    saved stream goes where this run draws from, so the next global batches
+    are the ones the interrupted run would have drawn.
+    """
+    if sampler is None or state is None:
+        return
+    saved_stream = state.get("numpy_random")
+    if hasattr(sampler, "inner_sampler"):
+        sampler.numpy_state = saved_stream if saved_stream is not None else rng["pml_numpy"]
+    elif saved_stream is not None:
+        c_f.NUMPY_RANDOM.set_state(saved_stream)
 
 
 # --------------------------------------------------------------- file level
@@ -192,6 +222,7 @@ def restore_checkpoint(
     load_sampler_state(sampler, checkpoint.get("sampler"))
     if restore_rng:
         restore_rng_state(checkpoint["rng"])
+        restore_sampling_stream(sampler, checkpoint.get("sampler"), checkpoint["rng"])
     return TrainingState.from_dict(checkpoint["state"])
 
 

@@ -30,6 +30,7 @@ from .config import (
 )
 
 DEFAULT_ROOT_EXPERIMENT_FOLDER = "experiments"
+DEFAULT_DIST_TIMEOUT_S = 600.0  # = distributed.DEFAULT_TIMEOUT_S (not imported: cli stays torch-free)
 # Flags taking a list of values; any other flag takes one value or none.
 _LIST_FLAGS = set(CONFIG_FOLDERS) | {"splits_to_eval"}
 # Flags that are also config keys: given on the command line, they override.
@@ -69,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--reproduce_results", default=None, metavar="PATH", help="replay the saved config folder of PATH"
     )
     parser.add_argument("--splits_to_eval", nargs="+", default=None, metavar="SPLIT")
+    parser.add_argument(
+        "--dist_timeout",
+        type=float,
+        default=DEFAULT_DIST_TIMEOUT_S,
+        metavar="SECONDS",
+        help="with several processes (torchrun): how long a process waits for the others "
+        "(including rank 0's evaluation) before it stops with an error instead of hanging",
+    )
     return parser
 
 

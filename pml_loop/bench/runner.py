@@ -16,6 +16,7 @@ Layout, as powerful-benchmarker's::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -32,6 +33,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.logging_presets import HookContainer
 
 from . import checkpoint as ckpt
+from . import distributed as dist_mod
 from . import registry
 from .config import ConfigError
 from .progress import RunProgress, pml_bars_silenced
@@ -312,6 +314,20 @@ def build_sampler(cfg: Mapping[str, Any], labels: np.ndarray) -> Any:
     return registry.build(spec, where="sampler", **extra)
 
 
+def build_rank_sampler(
+    cfg: Mapping[str, Any], labels: np.ndarray, context: dist_mod.DistContext
+) -> Any:
+    """build_sampler's global sampler, shared out over the ranks when several
+    processes train (one process: the sampler itself, unchanged)."""
+    sampler = build_sampler(cfg, labels)
+    if not context.active or sampler is None:
+        return sampler
+    return dist_mod.RankShardSampler(
+        sampler, trainer_settings(cfg)["batch_size"], context.rank, context.world_size,
+        check_order=lambda h: context.same_on_all_ranks(h, "sampler order"),
+    )
+
+
 def build_tester(cfg: Mapping[str, Any], device: torch.device, end_of_testing_hook: Any) -> Any:
     calculator = build_accuracy_calculator(cfg, device)
     return registry.build(
@@ -404,13 +420,22 @@ class FoldTraining:
     """Trains one fold: owns the built objects, the hooks the PML trainer
     calls, and the TrainingState that checkpoints carry."""
 
-    def __init__(self, cfg: Mapping[str, Any], folder: str, fold: int, dataset_root: Optional[str]):
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        folder: str,
+        fold: int,
+        dataset_root: Optional[str],
+        dist: dist_mod.DistContext = dist_mod.SINGLE,
+    ):
         self.cfg = cfg
         self.folder = folder
         self.fold = fold
+        self.dist = dist  # rank 0 alone evaluates, logs and checkpoints
         self.dirs = fold_subdirs(folder)
         self.settings = trainer_settings(cfg)
-        self.device = resolve_device(cfg["device"])
+        self.device = dist.device if dist.active else resolve_device(cfg["device"])
+        self.record_keeper: Any = None
         self.primary_metric = cfg["eval_primary_metric"]
         self.primary_split = primary_split(cfg)
         self.state = ckpt.TrainingState()
@@ -433,7 +458,7 @@ class FoldTraining:
         self.mining_funcs = registry.build_all(cfg.get("mining_funcs") or {})
         self.optimizers = build_optimizers(cfg, {**self.models, **self.loss_funcs})
         self.lr_schedulers = build_lr_schedulers(cfg, self.optimizers)
-        self.sampler = build_sampler(cfg, labels)
+        self.sampler = build_rank_sampler(cfg, labels, self.dist)
         self.train_labels = labels
 
     # -- objects a checkpoint holds
@@ -454,6 +479,8 @@ class FoldTraining:
 
     # -- logging
     def open_logs(self, resumed: bool) -> None:
+        if not self.dist.is_main:
+            return
         ipe = self.settings["iterations_per_epoch"]
         last_epoch = self.state.epoch if resumed else -1
         removed = ckpt.truncate_records(self.dirs["saved_csvs"], last_epoch, ipe, is_epoch_table)
@@ -472,6 +499,8 @@ class FoldTraining:
         self.tester = build_tester(self.cfg, self.device, self.hook_container.end_of_testing_hook)
 
     def close_logs(self) -> None:
+        if self.record_keeper is None:
+            return
         self.record_keeper.save_records()
         if self.record_keeper.tensorboard_writer is not None:
             self.record_keeper.tensorboard_writer.close()
@@ -483,10 +512,13 @@ class FoldTraining:
         """Test `splits` (default: splits_to_eval) with `models` (default: the trained ones)."""
         start = time.perf_counter()
         models = models or self.models
-        raw = self.tester.test(
-            self.eval_datasets, epoch, models["trunk"], models["embedder"],
-            splits_to_eval=[(s, [s]) for s in splits or self.cfg["splits_to_eval"]],
-        )
+        # with several processes only rank 0 evaluates: it must not move a
+        # random stream the other ranks do not move
+        with dist_mod.preserved_rng() if self.dist.active else contextlib.nullcontext():
+            raw = self.tester.test(
+                self.eval_datasets, epoch, models["trunk"], models["embedder"],
+                splits_to_eval=[(s, [s]) for s in splits or self.cfg["splits_to_eval"]],
+            )
         accuracies = {split: clean_accuracies(values) for split, values in raw.items()}
         self.record_keeper.update_records(
             {"eval_seconds": time.perf_counter() - start}, epoch, parent_name=TIMING_TABLE
@@ -542,64 +574,86 @@ class FoldTraining:
     # -- hooks for the PML trainer
     def end_of_iteration_hook(self, trainer: Any) -> None:
         self.progress.step()
-        if trainer.iteration % LOG_EVERY_N_ITERATIONS != 0:
+        if trainer.iteration % LOG_EVERY_N_ITERATIONS != 0 or not self.dist.is_main:
             return
         it = trainer.get_global_iteration()
         rk = self.record_keeper
         rk.update_records(trainer.loss_tracker.losses, it, parent_name="loss_histories")
         rk.update_records(trainer.loss_tracker.loss_weights, it, parent_name="loss_weights")
-        record_module_tree(rk, trainer.loss_funcs, it)
-        record_module_tree(rk, trainer.mining_funcs, it)
+        # our own (unwrapped) objects: the trainer's may be wrapped for
+        # several processes, which would rename the logged tables
+        record_module_tree(rk, self.loss_funcs, it)
+        record_module_tree(rk, self.mining_funcs, it)
         rk.update_records(trainer.optimizers, it, custom_attr_func=optimizer_lr)
 
     def end_of_epoch_hook(self, trainer: Any) -> bool:
         epoch = trainer.epoch
         seconds = time.perf_counter() - self._epoch_start
         per_iteration = seconds / self.settings["iterations_per_epoch"]
-        self.record_keeper.update_records(
-            {"seconds_per_iteration": per_iteration, "train_seconds": seconds},
-            epoch, parent_name=TIMING_TABLE,
-        )
         go_on = True
-        last = epoch == self.cfg["num_epochs_train"]
-        if epoch % self.cfg["save_interval"] == 0 or last:
-            go_on = self.evaluate_and_checkpoint(epoch, per_iteration)
-        else:
-            self._record_history(epoch, None, per_iteration)
+        if self.dist.is_main:
+            self.record_keeper.update_records(
+                {"seconds_per_iteration": per_iteration, "train_seconds": seconds},
+                epoch, parent_name=TIMING_TABLE,
+            )
+            last = epoch == self.cfg["num_epochs_train"]
+            if epoch % self.cfg["save_interval"] == 0 or last:
+                go_on = self.evaluate_and_checkpoint(epoch, per_iteration)
+            else:
+                self._record_history(epoch, None, per_iteration)
+        # the other ranks wait for rank 0's evaluation and take its decision
+        go_on = self.dist.broadcast(go_on, f"waiting for rank 0's evaluation of epoch {epoch}")
         self._epoch_start = time.perf_counter()
         return go_on
 
     def build_trainer(self) -> Any:
+        models, loss_funcs, mining_funcs = self.models, self.loss_funcs, self.mining_funcs
+        extra = {}
+        if self.dist.active:
+            # DDP models, losses/miners on the global batch, the local batch
+            # size; checkpoints and logs keep using the unwrapped objects
+            frozen = tuple(spec_kwargs(self.cfg["trainer"]).get("freeze_these") or ())
+            models = dist_mod.wrap_models(self.models, self.dist, frozen)
+            loss_funcs, mining_funcs = dist_mod.wrap_losses_and_miners(loss_funcs, mining_funcs)
+            extra["batch_size"] = self.settings["batch_size"] // self.dist.world_size
         return registry.build(
             self.cfg["trainer"], where="trainer",
-            models=self.models, optimizers=self.optimizers, loss_funcs=self.loss_funcs,
-            mining_funcs=self.mining_funcs, dataset=self.train_dataset, sampler=self.sampler,
+            models=models, optimizers=self.optimizers, loss_funcs=loss_funcs,
+            mining_funcs=mining_funcs, dataset=self.train_dataset, sampler=self.sampler,
             lr_schedulers=self.lr_schedulers, data_device=self.device,
             dataset_labels=self.train_labels, set_min_label_to_zero=True,
             end_of_iteration_hook=self.end_of_iteration_hook,
-            end_of_epoch_hook=self.end_of_epoch_hook,
+            end_of_epoch_hook=self.end_of_epoch_hook, **extra,
         )
 
     def train(self) -> None:
         with pml_bars_silenced():
             start_epoch = self.state.epoch + 1
             if self.state.epoch == 0 and not self.state.history and self.cfg["check_untrained_accuracy"]:
-                self.evaluate_and_checkpoint(0, None)
+                if self.dist.is_main:
+                    self.evaluate_and_checkpoint(0, None)
+                self.dist.barrier("waiting for rank 0's evaluation of the untrained model")
             if not training_done(self.state, self.cfg):
+                dist_mod.decorrelate_rank_rng(self.dist, self.cfg["seed"], self.fold, start_epoch)
                 trainer = self.build_trainer()
                 ipe = self.settings["iterations_per_epoch"]
                 self.progress = RunProgress(
                     os.path.join(os.path.basename(os.path.dirname(self.folder)), os.path.basename(self.folder)),
                     total=self.cfg["num_epochs_train"] * ipe, done=self.state.epoch * ipe,
+                    enabled=self.dist.is_main,
                 )
                 try:
                     self._epoch_start = time.perf_counter()
                     trainer.train(start_epoch=start_epoch, num_epochs=self.cfg["num_epochs_train"])
+                except torch.distributed.DistError as exc:
+                    raise self.dist.failure(f"training fold {self.fold}", exc) from exc
                 finally:
                     self.progress.close()
             self.state.finished = True
-            self._save(is_best=False)
-            self.evaluate_at_best()
+            if self.dist.is_main:
+                self._save(is_best=False)
+                self.evaluate_at_best()
+            self.dist.barrier(f"finishing fold {self.fold}")
 
     def evaluate_at_best(self) -> None:
         """Evaluate splits_to_eval_at_best once, with the best checkpoint's
@@ -645,9 +699,11 @@ def run_fold(
     fold: int,
     resume: Optional[str] = None,
     dataset_root: Optional[str] = None,
+    dist: dist_mod.DistContext = dist_mod.SINGLE,
 ) -> FoldResult:
     """Train (or resume) one fold. With resume="latest" a complete fold is
-    skipped; a finished one whose num_epochs_train was raised trains on."""
+    skipped; a finished one whose num_epochs_train was raised trains on.
+    With several processes every rank calls this; only rank 0 writes."""
     folder = fold_dir(experiment_dir, fold)
     models_dir = fold_subdirs(folder)["saved_models"]
     if resume is None and ckpt.load_checkpoint(models_dir, ckpt.LATEST) is not None:
@@ -664,12 +720,14 @@ def run_fold(
 
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg["num_threads"])
-    run = FoldTraining(cfg, folder, fold, dataset_root)
+    run = FoldTraining(cfg, folder, fold, dataset_root, dist)
     # no best checkpoint yet (only the untrained epoch was evaluated): latest
     resumed = resume is not None and (run.restore(resume) or run.restore(ckpt.LATEST))
     if resumed:
         run.state.finished = False
         LOGGER.info("fold %d: resuming after epoch %d", fold, run.state.epoch)
+    # every rank has read the fold's files before rank 0 changes them
+    dist.barrier(f"starting fold {fold}")
     run.open_logs(resumed)
     try:
         run.train()
@@ -731,12 +789,15 @@ def run_experiment(
     experiment_dir: str,
     resume: Optional[str] = None,
     dataset_root: Optional[str] = None,
+    dist: dist_mod.DistContext = dist_mod.SINGLE,
 ) -> ExperimentResult:
-    """Run every fold in cfg['splits']['folds'] and write meta_logs."""
+    """Run every fold in cfg['splits']['folds'] and write meta_logs (rank 0
+    only when several processes train; the others' result has no meta)."""
     result = ExperimentResult(experiment_dir=experiment_dir)
     for fold in cfg["splits"]["folds"]:
-        result.folds.append(run_fold(cfg, experiment_dir, fold, resume, dataset_root))
-    result.meta = write_meta_logs(experiment_dir, result.folds)
+        result.folds.append(run_fold(cfg, experiment_dir, fold, resume, dataset_root, dist))
+    if dist.is_main:
+        result.meta = write_meta_logs(experiment_dir, result.folds)
     return result
 
 
