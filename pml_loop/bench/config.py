@@ -712,6 +712,12 @@ def _str_error(value: Any) -> Optional[str]:
     return None if isinstance(value, str) and value else f"expected a name, got {value!r}"
 
 
+def _mixed_precision_error(value: Any) -> Optional[str]:
+    from .precision import config_error  # precision imports this module
+
+    return config_error(value)
+
+
 # Top-level key -> check returning a problem or None. Mirrors SCHEMA.md.
 SCHEMA_CHECKS = {
     "trainer": _spec_error,
@@ -735,8 +741,12 @@ SCHEMA_CHECKS = {
     "accuracy_calculator": _spec_error,
     "eval_primary_metric": _str_error,
     "splits_to_eval": _str_list_error,
+    "mixed_precision": _mixed_precision_error,  # optional: absent = float32
 }
-REQUIRED_KEYS: tuple[str, ...] = tuple(SCHEMA_CHECKS)
+# Keys that may be absent (configs saved before they existed stay valid).
+OPTIONAL_KEYS: tuple[str, ...] = ("mixed_precision",)
+REQUIRED_KEYS: tuple[str, ...] = tuple(k for k in SCHEMA_CHECKS if k not in OPTIONAL_KEYS)
+
 
 
 def validate_config(
@@ -755,6 +765,8 @@ def validate_config(
     problems: list[str] = []
     for key, check in SCHEMA_CHECKS.items():
         if key not in cfg:
+            if key in OPTIONAL_KEYS:
+                continue
             folder = _expected_folder(key)
             problems.append(
                 f"{key}: missing (expected in {folder}; named files such as "
@@ -767,7 +779,7 @@ def validate_config(
     if not allow_unknown:
         for key in cfg:
             if key not in SCHEMA_CHECKS:
-                hint = difflib.get_close_matches(str(key), REQUIRED_KEYS, n=1)
+                hint = difflib.get_close_matches(str(key), tuple(SCHEMA_CHECKS), n=1)
                 suggestion = f"; did you mean {hint[0]}?" if hint else ""
                 problems.append(f"{where_of(provenance, [key])}: unknown top-level key{suggestion}")
     if problems:
@@ -787,6 +799,7 @@ __all__ = [
     "ConfigError",
     "FolderConfigs",
     "MergeKey",
+    "OPTIONAL_KEYS",
     "Provenance",
     "REQUIRED_KEYS",
     "available_configs",

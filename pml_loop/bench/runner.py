@@ -31,7 +31,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.logging_presets import HookContainer
 
 from . import checkpoint as ckpt
-from . import registry
+from . import precision, registry
 from .config import ConfigError
 
 LOGGER = logging.getLogger(__name__)
@@ -296,6 +296,7 @@ def check_run_config(cfg: Mapping[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"splits_to_eval: unknown split(s) {sorted(unknown)}")
     build_accuracy_calculator(cfg, torch.device("cpu"))
+    precision.from_config(cfg, resolve_device(cfg["device"]))
 
 
 # ------------------------------------------------------------- record keeping
@@ -349,6 +350,8 @@ class FoldTraining:
         self.device = resolve_device(cfg["device"])
         self.primary_metric = cfg["eval_primary_metric"]
         self.primary_split = primary_split(cfg)
+        self.precision = precision.from_config(cfg, self.device)  # None: float32
+        self.grad_scaler = precision.make_scaler(self.precision)  # float16 only
         self.state = ckpt.TrainingState()
         seed_everything(cfg["seed"] + fold)
         self._build(dataset_root)
@@ -363,6 +366,7 @@ class FoldTraining:
         self.loss_funcs = {
             k: v.to(self.device) for k, v in registry.build_all(cfg["loss_funcs"]).items()
         }
+        precision.check_losses(self.precision, self.loss_funcs)
         self.mining_funcs = registry.build_all(cfg.get("mining_funcs") or {})
         self.optimizers = build_optimizers(cfg, {**self.models, **self.loss_funcs})
         self.lr_schedulers = build_lr_schedulers(cfg, self.optimizers)
@@ -374,6 +378,7 @@ class FoldTraining:
         return dict(
             models=self.models, optimizers=self.optimizers, lr_schedulers=self.lr_schedulers,
             loss_funcs=self.loss_funcs, mining_funcs=self.mining_funcs, sampler=self.sampler,
+            grad_scaler=self.grad_scaler,
         )
 
     def restore(self, which: str) -> bool:
@@ -473,6 +478,9 @@ class FoldTraining:
         record_module_tree(rk, trainer.loss_funcs, it)
         record_module_tree(rk, trainer.mining_funcs, it)
         rk.update_records(trainer.optimizers, it, custom_attr_func=optimizer_lr)
+        scale = precision.records(self.grad_scaler)
+        if scale:
+            rk.update_records(scale, it, parent_name="mixed_precision")
 
     def end_of_epoch_hook(self, trainer: Any) -> bool:
         epoch = trainer.epoch
@@ -492,7 +500,7 @@ class FoldTraining:
         return go_on
 
     def build_trainer(self) -> Any:
-        return registry.build(
+        trainer = registry.build(
             self.cfg["trainer"], where="trainer",
             models=self.models, optimizers=self.optimizers, loss_funcs=self.loss_funcs,
             mining_funcs=self.mining_funcs, dataset=self.train_dataset, sampler=self.sampler,
@@ -501,6 +509,9 @@ class FoldTraining:
             end_of_iteration_hook=self.end_of_iteration_hook,
             end_of_epoch_hook=self.end_of_epoch_hook,
         )
+        if self.precision is not None:
+            precision.install(trainer, self.precision, self.grad_scaler)
+        return trainer
 
     def train(self) -> None:
         start_epoch = self.state.epoch + 1
