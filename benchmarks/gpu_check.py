@@ -232,10 +232,10 @@ def runner_run(s: Settings) -> None:
         argv = ["--experiment_name", "gpu_check", "--root_experiment_folder", root,
                 "--config_loss_and_miners", "default", "loop_triplet",
                 "--num_epochs_train", "1", "--device", s.device,
-                "--mixed_precision", f"{{dtype: {dtype}}}", "--patience", "null"]
+                "--mixed_precision", f"{{dtype: {dtype}}}", "--patience", "null",
+                "--check_untrained_accuracy", "false"]
         if s.tiny:
-            argv += ["--trainer~APPLY~2", "{batch_size: 32, iterations_per_epoch: 5}",
-                     "--splits_to_eval", "[val]", "--check_untrained_accuracy", "false"]
+            argv += ["--trainer~APPLY~2", "{batch_size: 32, iterations_per_epoch: 5}", "--splits_to_eval", "[val]"]
         namespace, overrides = cli.parse_args(argv)
         cfg, provenance = cli.make_config(namespace, overrides)
         registry.check_buildable(cfg, provenance)

@@ -42,7 +42,7 @@ def _plain_dtype(base, emb, half, autocast):
     try:
         with torch.autocast(emb.device.type, dtype=half, enabled=autocast):
             return base(emb if autocast else emb.to(half)).dtype
-    except NotImplementedError:  # torch 2.13: no CPU bfloat16 cdist
+    except RuntimeError:  # NotImplementedError included; torch 2.13: no CPU bfloat16 cdist
         return None
 
 
