@@ -101,6 +101,15 @@ class LoOpDistance(BaseDistance):
 
     Output of ``forward(query (n_q, d), ref (n_r, d))``: ``(n_q, n_r)``.
 
+    Mixed precision: under ``torch.autocast`` or with bfloat16/float16
+    embeddings, the whole matrix (search, measure, and the base entries) is
+    computed in float32 from the un-rounded inputs with autocast disabled, and
+    returned in the dtype the base distance would return for the same inputs
+    under the same autocast (bfloat16/float16 for the matmul-based cosine and
+    dot product, float32 for ``LpDistance``, whose ``cdist`` autocast keeps in
+    float32), which is what the wrapped loss expects. Gradients reach half
+    inputs in their own dtype.
+
     Host synchronisation: building the pair structure of a new partition of
     the labels, comparing a batch's partition with the cached one (one
     ``torch.equal``) and the finiteness check (unless ``nonfinite="ignore"``).
@@ -139,6 +148,7 @@ class LoOpDistance(BaseDistance):
         self._share_depth = 0
         self._shared: _Search | None = None
         self._structure_cache = None
+        self._dtypes: dict[tuple, torch.dtype] = {}  # see _output_dtype
         self._warned: set[str] = set()
         # How much LoOp moved the negatives, for record-keeper; kept as tensors
         # so that training does not wait for them (read as numbers on demand).
@@ -201,17 +211,26 @@ class LoOpDistance(BaseDistance):
         same_set = ref_emb is None or ref_emb is query_emb
         ref = query_emb if ref_emb is None else ref_emb
         q_labels, r_labels = self._labels_for(query_emb, ref, same_set)
-        qn = self.maybe_normalize(query_emb)
-        rn = qn if same_set else self.maybe_normalize(ref)
-        self.set_default_stats(query_emb, ref, qn, rn)
-        if self._binding.paired:
-            mat = self._paired_mat(qn, rn)
-        else:
-            same_set = same_set and q_labels is r_labels
-            mat = self._loop_mat(qn, rn, q_labels, r_labels, same_set, keys=(query_emb, ref, q_labels, r_labels))
-        if self.power != 1:
-            mat = mat**self.power
-        return mat
+        out_dtype = self._output_dtype(query_emb, ref)
+        work = working_dtype(query_emb, ref)
+        # Mixed precision: the closest-point maths (Gram entries, closed forms,
+        # square roots of small differences) is wrong in bfloat16/float16, so
+        # everything is computed in `work` (float32 at least) with autocast off;
+        # the casts are differentiable, so half inputs get half gradients.
+        with autocast_off(query_emb.device):
+            q = query_emb.to(work)
+            qn = self.maybe_normalize(q)
+            rn = qn if same_set else self.maybe_normalize(ref.to(work))
+            self.set_default_stats(query_emb, ref, qn, rn)
+            if self._binding.paired:
+                mat = self._paired_mat(qn, rn)
+            else:
+                same_set = same_set and q_labels is r_labels
+                mat = self._loop_mat(qn, rn, q_labels, r_labels, same_set, keys=(query_emb, ref, q_labels, r_labels))
+            if self.power != 1:
+                mat = mat**self.power
+        # Rounding is monotonic, so LoOp <= plain (>= for similarities) survives the cast.
+        return mat.to(out_dtype)
 
     def compute_mat(self, query_emb: Tensor, ref_emb: Tensor) -> Tensor:
         return self.base.compute_mat(query_emb, ref_emb)
@@ -233,6 +252,33 @@ class LoOpDistance(BaseDistance):
         return w.partner_q.long(), w.partner_r.long()
 
     # -- internals ---------------------------------------------------------------
+    def _output_dtype(self, query: Tensor, ref: Tensor) -> torch.dtype:
+        """The dtype the base distance returns for these inputs under the current
+        autocast state (e.g. bfloat16 for a cosine matrix under bfloat16 autocast,
+        float32 for ``LpDistance``, whose ``cdist`` autocast keeps in float32):
+        what the wrapped loss expects. Found by running the base on one row
+        each, once per (inputs' dtypes, device, autocast state)."""
+        device = query.device.type
+        on = _autocast_enabled(device)
+        key = (type(self.base), self.base.normalize_embeddings, query.dtype, ref.dtype, device, on,
+               _autocast_dtype(device) if on else None)
+        cache = self.__dict__.setdefault("_dtypes", {})  # absent in objects pickled before it existed
+        cached = cache.get(key)
+        if cached is not None:
+            return cached
+        with torch.no_grad():
+            try:
+                probe = self.base.compute_mat(self.base.maybe_normalize(query[:1].detach()),
+                                              self.base.maybe_normalize(ref[:1].detach()))
+                dtype = probe.dtype
+            except (NotImplementedError, RuntimeError):
+                # The base has no kernel for these dtypes (torch 2.13: no CPU
+                # bfloat16 cdist; a half batch against a float32 memory): LoOp
+                # still works and answers in the inputs' promoted dtype.
+                dtype = torch.promote_types(query.dtype, ref.dtype)
+        cache[key] = dtype
+        return dtype
+
     def _labels_for(self, query: Tensor, ref: Tensor, same_set: bool) -> tuple[Tensor, Tensor]:
         b = self._binding
         if b.paired:
@@ -371,6 +417,33 @@ class LoOpDistance(BaseDistance):
             return 0.0
         base, loop, neg = self._last
         return float((base - loop).abs()[neg].mean())
+
+
+def working_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype LoOp computes in: the inputs' promoted dtype, at least float32
+    (bfloat16 and float16 inputs are upcast; float64 stays float64)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, ValueError):  # a device type autocast does not know (e.g. meta)
+        return False
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for ``device`` (a no-op when it is off)."""
+    if _autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _same_key(a: tuple, b: tuple) -> bool:

@@ -120,3 +120,51 @@ def test_works_when_faiss_cannot_be_imported(monkeypatch):
     assert acc["recall_at_2"] == pytest.approx(brute_force_recall(x, y, x, y, 2, True))
     with pytest.raises(ImportError, match="faiss"):
         RecallAtKAccuracyCalculator(backend="faiss")
+
+
+# -- evaluation on the device -------------------------------------------------------
+def _fake_gpus(monkeypatch, n):
+    monkeypatch.setattr(evaluation, "faiss_num_gpus", lambda: n)
+
+
+@pytest.mark.skipif(not evaluation.faiss_is_available(), reason="faiss is not installed")
+def test_faiss_gpu_is_used_only_with_cuda_and_faiss_gpus(monkeypatch):
+    from pytorch_metric_learning.utils.inference import FaissKMeans, FaissKNN
+
+    _fake_gpus(monkeypatch, 0)  # faiss-cpu: never ask faiss for a GPU (Kmeans(gpu=True) would fail)
+    assert evaluation.describe_backend("auto", torch.device("cuda")) == "faiss-cpu"
+    assert evaluation.make_kmeans_func("faiss", torch.device("cuda")).kwargs["gpu"] is False
+    assert evaluation.make_knn_func("faiss", device=torch.device("cuda:1")).gpus is None
+    _fake_gpus(monkeypatch, 2)  # faiss-gpu
+    assert evaluation.describe_backend("auto", torch.device("cuda:1")) == "faiss-gpu"
+    assert evaluation.describe_backend("auto", torch.device("cpu")) == "faiss-cpu"
+    knn = evaluation.make_knn_func("faiss", device=torch.device("cuda:1"))
+    assert isinstance(knn, FaissKNN) and knn.gpus == [1]  # pinned to the run's GPU
+    assert evaluation.make_knn_func("faiss", device=torch.device("cuda")).gpus is None
+    kmeans = evaluation.make_kmeans_func("faiss", torch.device("cuda"))
+    assert isinstance(kmeans, FaissKMeans) and kmeans.kwargs["gpu"] is True
+    assert evaluation.make_kmeans_func("faiss", torch.device("cpu")).kwargs["gpu"] is False
+    calc = RecallAtKAccuracyCalculator(device=torch.device("cuda:1"), backend="faiss")
+    assert calc.knn_func.gpus == [1] and calc.kmeans_func.kwargs["gpu"] is True
+
+
+def test_torch_backend_without_faiss(monkeypatch):
+    monkeypatch.setattr(evaluation, "faiss_is_available", lambda: False)
+    _fake_gpus(monkeypatch, 0)
+    assert evaluation.describe_backend("auto", torch.device("cuda")) == "torch"
+    assert isinstance(evaluation.make_kmeans_func("auto", torch.device("cuda")), TorchKMeans)
+    with pytest.raises(ImportError, match="faiss"):
+        evaluation.make_knn_func("faiss")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_evaluation_of_cuda_embeddings_matches_cpu(backend):
+    x, labels = random_embeddings()
+    results = []
+    for device in ("cpu", "cuda"):
+        calc = RecallAtKAccuracyCalculator(device=torch.device(device), backend=backend,
+                                           exclude=("NMI",))
+        results.append(calc.get_accuracy(torch.tensor(x, device=device), torch.tensor(labels, device=device)))
+    for key in results[0]:
+        assert results[1][key] == pytest.approx(results[0][key], abs=1e-6), key

@@ -1,7 +1,7 @@
 """Checkpoints that let a run resume exactly, and trimming of logs on resume.
 
 A checkpoint is written at each evaluation and holds everything the next
-epoch depends on: model/optimizer/scheduler/loss/miner state, the sampler's
+epoch depends on: model/optimizer/scheduler/loss/miner state, a float16 run's GradScaler, the sampler's
 label order (MPerClassSampler shuffles its own list in place), every RNG
 (torch, CUDA, numpy - which PML's samplers use through `c_f.NUMPY_RANDOM` -
 and python's `random`), and the training state (epoch, best metric, patience
@@ -166,9 +166,12 @@ def save_checkpoint(
     loss_funcs: Mapping[str, Any],
     mining_funcs: Mapping[str, Any],
     sampler: Any = None,
+    grad_scaler: Any = None,
     is_best: bool = False,
 ) -> str:
-    """Write checkpoint_latest.pth (and checkpoint_best.pth when `is_best`)."""
+    """Write checkpoint_latest.pth (and checkpoint_best.pth when `is_best`).
+    `grad_scaler`: a float16 run's torch.amp.GradScaler (its scale and growth
+    tracker decide which of the next steps are skipped)."""
     os.makedirs(model_folder, exist_ok=True)
     payload = {
         "state": state.to_dict(),
@@ -180,6 +183,8 @@ def save_checkpoint(
         "sampler": sampler_state(sampler),
         "rng": capture_rng_state(),
     }
+    if grad_scaler is not None:
+        payload["grad_scaler"] = grad_scaler.state_dict()
     path = checkpoint_path(model_folder, LATEST)
     _atomic_save(payload, path)
     if is_best:
@@ -211,15 +216,20 @@ def restore_checkpoint(
     loss_funcs: Mapping[str, Any],
     mining_funcs: Mapping[str, Any],
     sampler: Any = None,
+    grad_scaler: Any = None,
     restore_rng: bool = True,
 ) -> TrainingState:
-    """Load every object's state from `checkpoint`; returns the TrainingState."""
+    """Load every object's state from `checkpoint`; returns the TrainingState.
+    A `grad_scaler` keeps its fresh state when the checkpoint has none (a
+    float32 or bfloat16 run resumed in float16)."""
     load_state_dicts(models, checkpoint["models"], "models")
     load_state_dicts(optimizers, checkpoint["optimizers"], "optimizers")
     load_state_dicts(lr_schedulers, checkpoint["lr_schedulers"], "lr_schedulers")
     load_state_dicts(loss_funcs, checkpoint["loss_funcs"], "loss_funcs")
     load_state_dicts(mining_funcs, checkpoint["mining_funcs"], "mining_funcs")
     load_sampler_state(sampler, checkpoint.get("sampler"))
+    if grad_scaler is not None and checkpoint.get("grad_scaler"):
+        grad_scaler.load_state_dict(checkpoint["grad_scaler"])
     if restore_rng:
         restore_rng_state(checkpoint["rng"])
         restore_sampling_stream(sampler, checkpoint.get("sampler"), checkpoint["rng"])

@@ -712,6 +712,12 @@ def _str_error(value: Any) -> Optional[str]:
     return None if isinstance(value, str) and value else f"expected a name, got {value!r}"
 
 
+def _mixed_precision_error(value: Any) -> Optional[str]:
+    from .precision import config_error  # precision imports this module
+
+    return config_error(value)
+
+
 # Top-level key -> check returning a problem or None. Mirrors SCHEMA.md.
 SCHEMA_CHECKS = {
     "trainer": _spec_error,
@@ -735,14 +741,14 @@ SCHEMA_CHECKS = {
     "accuracy_calculator": _spec_error,
     "eval_primary_metric": _str_error,
     "splits_to_eval": _str_list_error,
-}
-REQUIRED_KEYS: tuple[str, ...] = tuple(SCHEMA_CHECKS)
-# Keys added after configs were first saved: absent means their default, so
-# saved experiments stay valid.
-OPTIONAL_CHECKS = {
+    "mixed_precision": _mixed_precision_error,  # optional: absent = float32
+    # optional: absent = none
     "splits_to_eval_at_best": lambda v: None if v is None or v == [] else _str_list_error(v),
 }
-SCHEMA_KEYS: tuple[str, ...] = (*REQUIRED_KEYS, *OPTIONAL_CHECKS)
+# Keys that may be absent (configs saved before they existed stay valid).
+OPTIONAL_KEYS: tuple[str, ...] = ("mixed_precision", "splits_to_eval_at_best")
+REQUIRED_KEYS: tuple[str, ...] = tuple(k for k in SCHEMA_CHECKS if k not in OPTIONAL_KEYS)
+SCHEMA_KEYS: tuple[str, ...] = tuple(SCHEMA_CHECKS)
 
 
 def validate_config(
@@ -761,6 +767,8 @@ def validate_config(
     problems: list[str] = []
     for key, check in SCHEMA_CHECKS.items():
         if key not in cfg:
+            if key in OPTIONAL_KEYS:
+                continue
             folder = _expected_folder(key)
             problems.append(
                 f"{key}: missing (expected in {folder}; named files such as "
@@ -770,13 +778,9 @@ def validate_config(
         problem = check(cfg[key])
         if problem:
             problems.append(f"{where_of(provenance, [key])}: {problem}")
-    for key, check in OPTIONAL_CHECKS.items():
-        problem = check(cfg[key]) if key in cfg else None
-        if problem:
-            problems.append(f"{where_of(provenance, [key])}: {problem}")
     if not allow_unknown:
         for key in cfg:
-            if key not in SCHEMA_KEYS:
+            if key not in SCHEMA_CHECKS:
                 hint = difflib.get_close_matches(str(key), SCHEMA_KEYS, n=1)
                 suggestion = f"; did you mean {hint[0]}?" if hint else ""
                 problems.append(f"{where_of(provenance, [key])}: unknown top-level key{suggestion}")
@@ -797,6 +801,7 @@ __all__ = [
     "ConfigError",
     "FolderConfigs",
     "MergeKey",
+    "OPTIONAL_KEYS",
     "Provenance",
     "REQUIRED_KEYS",
     "SCHEMA_KEYS",

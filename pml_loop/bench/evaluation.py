@@ -5,6 +5,11 @@ not the Recall@K that deep-metric-learning papers report (R@1/2/4/8). This
 module adds it, keeps the kNN bounded (never `k=None`, which ranks every
 reference point and is ~10x slower), and works without faiss by falling back
 to PML's pure-torch `CustomKNN` and a small torch k-means.
+
+Device: the tester computes embeddings on the run's device and the
+calculator keeps them there. With faiss-gpu (the `[gpu]` extra) and CUDA
+embeddings, kNN and k-means run on that GPU; with faiss-cpu, faiss copies
+CUDA embeddings to the host; the torch fallback runs wherever they are.
 """
 
 from __future__ import annotations
@@ -32,6 +37,40 @@ def faiss_is_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def faiss_num_gpus() -> int:
+    """GPUs faiss can use: 0 without faiss or with faiss-cpu (whose
+    `get_num_gpus` returns 0, or is missing in some builds)."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def describe_backend(backend: str = "auto", device: Optional[torch.device] = None) -> str:
+    """Which kNN/k-means implementation evaluation on `device` uses:
+    "faiss-gpu", "faiss-cpu" or "torch" (for logs and the GPU check)."""
+    if not _use_faiss(backend):
+        return "torch"
+    return "faiss-gpu" if _faiss_on_gpu(device) else "faiss-cpu"
+
+
+def _faiss_on_gpu(device: Optional[torch.device]) -> bool:
+    return device is not None and torch.device(device).type == "cuda" and faiss_num_gpus() > 0
+
+
+def _faiss_gpus(device: Optional[torch.device]) -> Optional[list]:
+    """faiss GPU ids for `device`: ``[N]`` for cuda:N, None (all GPUs, only
+    used for CUDA queries) for plain "cuda" or the CPU."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None and faiss_num_gpus() > 0:
+        return [device.index]
+    return None
 
 
 def recall_at_k(
@@ -128,21 +167,28 @@ class TorchKMeans:
         return new_centroids
 
 
-def make_knn_func(backend: str = "auto", batch_size: Optional[int] = 4096) -> Callable:
+def make_knn_func(backend: str = "auto", batch_size: Optional[int] = 4096,
+                  device: Optional[torch.device] = None) -> Callable:
     """A kNN callable for AccuracyCalculator: faiss's exact L2 index, or PML's
-    pure-torch `CustomKNN` with the same (Euclidean) ordering."""
+    pure-torch `CustomKNN` with the same (Euclidean) ordering.
+
+    PML's FaissKNN moves its index to the GPU when the queries are CUDA
+    tensors and faiss has GPUs; for ``cuda:N`` it is pinned to GPU N (by
+    default faiss would spread the index over every GPU)."""
     if _use_faiss(backend):
         from pytorch_metric_learning.utils.inference import FaissKNN
 
-        return FaissKNN()
+        return FaissKNN(gpus=_faiss_gpus(device))
     return CustomKNN(LpDistance(normalize_embeddings=False, p=2), batch_size=batch_size)
 
 
 def make_kmeans_func(backend: str = "auto", device: Optional[torch.device] = None) -> Callable:
     """A k-means callable: faiss.Kmeans (20 iterations, as PML) or TorchKMeans."""
     if _use_faiss(backend):
-        gpu = device is not None and torch.device(device).type == "cuda"
-        return QuietFaissKMeans(niter=20, gpu=gpu)
+        # faiss.Kmeans(gpu=True) needs faiss-gpu: with faiss-cpu it fails
+        # even for CUDA embeddings (which it copies to the host anyway).
+        # (faiss.Kmeans takes True for all GPUs or a count, not device ids.)
+        return QuietFaissKMeans(niter=20, gpu=_faiss_on_gpu(device))
     return TorchKMeans(niter=20)
 
 
@@ -217,7 +263,7 @@ class RecallAtKAccuracyCalculator(AccuracyCalculator):
         if include is None:
             include = DEFAULT_METRICS + tuple(self.recall_metric_names())
         if knn_func is None:
-            knn_func = make_knn_func(backend)
+            knn_func = make_knn_func(backend, device=device)
         if kmeans_func is None:
             kmeans_func = make_kmeans_func(backend, device)
         super().__init__(

@@ -34,7 +34,7 @@ from pytorch_metric_learning.utils.logging_presets import HookContainer
 
 from . import checkpoint as ckpt
 from . import distributed as dist_mod
-from . import registry
+from . import precision, registry
 from .config import ConfigError
 from .progress import RunProgress, pml_bars_silenced
 
@@ -360,6 +360,7 @@ def check_run_config(cfg: Mapping[str, Any]) -> None:
     if both:
         raise ConfigError(f"splits_to_eval and splits_to_eval_at_best both name {sorted(both)}")
     build_accuracy_calculator(cfg, torch.device("cpu"))
+    precision.from_config(cfg, resolve_device(cfg["device"]))
 
 
 def check_data(cfg: Mapping[str, Any], dataset_root: Optional[str]) -> None:
@@ -438,6 +439,8 @@ class FoldTraining:
         self.record_keeper: Any = None
         self.primary_metric = cfg["eval_primary_metric"]
         self.primary_split = primary_split(cfg)
+        self.precision = precision.from_config(cfg, self.device)  # None: float32
+        self.grad_scaler = precision.make_scaler(self.precision)  # float16 only
         self.state = ckpt.TrainingState()
         self._session_start = time.perf_counter()
         self._wall_before = 0.0
@@ -455,6 +458,7 @@ class FoldTraining:
         self.loss_funcs = {
             k: v.to(self.device) for k, v in registry.build_all(cfg["loss_funcs"]).items()
         }
+        precision.check_losses(self.precision, self.loss_funcs)
         self.mining_funcs = registry.build_all(cfg.get("mining_funcs") or {})
         self.optimizers = build_optimizers(cfg, {**self.models, **self.loss_funcs})
         self.lr_schedulers = build_lr_schedulers(cfg, self.optimizers)
@@ -466,6 +470,7 @@ class FoldTraining:
         return dict(
             models=self.models, optimizers=self.optimizers, lr_schedulers=self.lr_schedulers,
             loss_funcs=self.loss_funcs, mining_funcs=self.mining_funcs, sampler=self.sampler,
+            grad_scaler=self.grad_scaler,
         )
 
     def restore(self, which: str) -> bool:
@@ -585,6 +590,9 @@ class FoldTraining:
         record_module_tree(rk, self.loss_funcs, it)
         record_module_tree(rk, self.mining_funcs, it)
         rk.update_records(trainer.optimizers, it, custom_attr_func=optimizer_lr)
+        scale = precision.records(self.grad_scaler)
+        if scale:
+            rk.update_records(scale, it, parent_name="mixed_precision")
 
     def end_of_epoch_hook(self, trainer: Any) -> bool:
         epoch = trainer.epoch
@@ -616,7 +624,7 @@ class FoldTraining:
             models = dist_mod.wrap_models(self.models, self.dist, frozen)
             loss_funcs, mining_funcs = dist_mod.wrap_losses_and_miners(loss_funcs, mining_funcs)
             extra["batch_size"] = self.settings["batch_size"] // self.dist.world_size
-        return registry.build(
+        trainer = registry.build(
             self.cfg["trainer"], where="trainer",
             models=models, optimizers=self.optimizers, loss_funcs=loss_funcs,
             mining_funcs=mining_funcs, dataset=self.train_dataset, sampler=self.sampler,
@@ -625,6 +633,9 @@ class FoldTraining:
             end_of_iteration_hook=self.end_of_iteration_hook,
             end_of_epoch_hook=self.end_of_epoch_hook, **extra,
         )
+        if self.precision is not None:
+            precision.install(trainer, self.precision, self.grad_scaler)
+        return trainer
 
     def train(self) -> None:
         with pml_bars_silenced():
