@@ -68,9 +68,23 @@ def prepare(argv: Optional[Sequence[str]]) -> tuple:
     return namespace, cfg, provenance
 
 
+def is_search(argv: Optional[Sequence[str]]) -> bool:
+    """Whether the command line asks for a hyperparameter search (any of its
+    flags; the search itself reports a flag given without the others)."""
+    namespace, _ = cli.parse_args(argv)
+    return any(
+        getattr(namespace, flag) is not None for flag in ("bayes_opt_iters", "reproductions", "study_storage")
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (2 on a config error)."""
     try:
+        if is_search(argv):
+            # imported here: a plain run needs neither optuna nor its import time
+            from . import search
+
+            return search.main(argv)
         namespace, cfg, provenance = prepare(argv)
         experiment_dir = str(cli.experiment_dir(namespace))
         if namespace.evaluate:
