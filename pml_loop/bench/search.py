@@ -598,6 +598,18 @@ def _plain(value: Any) -> Any:
     return int(value) if isinstance(value, int) else float(value)
 
 
+def _wrap_dotted(name: str, width: int = 40) -> str:
+    """A long dotted key on several lines, broken after dots."""
+    lines = [""]
+    for part in name.split("."):
+        piece = part if not lines[-1] else "." + part
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append(part)
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)
+
+
 def plot_search(setup: SearchSetup, study: optuna.Study) -> list[str]:
     """optimization_trace.png and objective_vs_parameters.png (matplotlib,
     no display). Returns the paths written."""
@@ -605,6 +617,7 @@ def plot_search(setup: SearchSetup, study: optuna.Study) -> list[str]:
 
     matplotlib.use("Agg")  # headless: workers run without a display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (used as matplotlib.ticker)
 
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
     if not complete:
@@ -639,7 +652,12 @@ def plot_search(setup: SearchSetup, study: optuna.Study) -> list[str]:
             ax.legend()
         if dim.kind == "log":
             ax.set_xscale("log")
-        ax.set_xlabel(dim.name.replace(".", ".\n") if len(dim.name) > 40 else dim.name, fontsize=8)
+            # minor-tick labels of a range under a decade overprint each other
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        # the searched range, so where the trials fell within it shows
+        margin = 0 if dim.kind == "log" else (dim.high - dim.low) * 0.03
+        ax.set_xlim(dim.low - margin, dim.high + margin)
+        ax.set_xlabel(_wrap_dotted(dim.name), fontsize=8)
         ax.set_ylabel(setup.objective, fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
