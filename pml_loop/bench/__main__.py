@@ -3,7 +3,8 @@
 Order matters: the config is merged, validated and every object that can be
 built before training is built (`registry.check_buildable`), so a typo in a
 class name or keyword stops the run in seconds with the file and key to edit,
-not after the first epoch.
+not after the first epoch. ``--bayes_opt_iters`` (and the other search
+flags) hand the command line to `search.main`.
 """
 
 from __future__ import annotations
