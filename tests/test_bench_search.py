@@ -344,3 +344,22 @@ def test_two_workers_share_the_budget(tmp_path):
     owners = {t.user_attrs[search.ATTR_PID] for t in complete}
     assert owners <= {w.pid for w in workers}
     assert "trials complete: 4 of 4" in outputs[0] + outputs[1]
+
+
+def test_plain_runs_do_not_need_optuna():
+    # optuna is imported only by a search, and its absence names the pip command
+    code = textwrap.dedent("""
+        import sys
+        from pml_loop.bench import __main__ as bench_main
+        assert "optuna" not in sys.modules, "a plain run imported optuna"
+        sys.modules["optuna"] = None  # as if not installed
+        try:
+            bench_main.main(["--experiment_name", "x", "--bayes_opt_iters", "2"])
+        except ImportError as exc:
+            print(type(exc).__name__, exc)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "MissingExtraError" in done.stdout and 'pip install "pml-loop[bench]"' in done.stdout
+    assert "optuna" in done.stdout
