@@ -858,7 +858,9 @@ def run_search(argv_or_setup: Union[Sequence[str], SearchSetup, None] = None) ->
 
 
 def _finish(setup: SearchSetup, study: optuna.Study) -> SearchResult:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trials = study.get_trials(deepcopy=False)  # one snapshot: counts that agree
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    running = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
     result = SearchResult(
         experiment_dir=str(setup.experiment_dir), objective=setup.objective,
         n_trials=setup.n_trials, finished=len(complete) >= setup.n_trials, trials=_summaries(study),
@@ -870,7 +872,6 @@ def _finish(setup: SearchSetup, study: optuna.Study) -> SearchResult:
         result.best_params = {k: _plain(v) for k, v in best.params.items()}
         result.best_folder = best.user_attrs.get(ATTR_FOLDER)
     if not result.finished:
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
         LOGGER.info(
             "%d of %d trials complete, %d running in other workers; the worker finishing the last "
             "one writes the final reports%s", len(complete), setup.n_trials, running,
