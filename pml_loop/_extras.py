@@ -28,6 +28,8 @@ RUNNER_MODULES = {
     "PIL": "pillow",
 }
 DATA_MODULES = {"PIL": "pillow"}
+# The hyperparameter search (--bayes_opt_iters) adds optuna.
+SEARCH_MODULES = {**RUNNER_MODULES, "optuna": "optuna"}
 
 
 class MissingExtraError(ImportError):

@@ -16,9 +16,9 @@ import pytest
 from pml_loop._extras import BENCH_INSTALL_COMMAND, DATA_MODULES, RUNNER_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
-RUNNER_ONLY_MODULES = ("faiss", "record_keeper", "tensorboard", "matplotlib", "tqdm", "yaml", "PIL")
+RUNNER_ONLY_MODULES = ("faiss", "record_keeper", "tensorboard", "matplotlib", "tqdm", "yaml", "PIL", "optuna")
 # Never dependencies of PML itself, so importing pml_loop must not load them at all.
-NEVER_WITH_THE_TRIO = ("faiss", "record_keeper", "tensorboard", "matplotlib", "yaml", "PIL")
+NEVER_WITH_THE_TRIO = ("faiss", "record_keeper", "tensorboard", "matplotlib", "yaml", "PIL", "optuna")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,8 @@ Entry points: ``python -m pml_loop.bench`` (one experiment, `__main__.main`)
 and ``python -m pml_loop.bench.compare`` (plain vs LoOp losses). Modules:
 `config` / `cli` / `registry` (configs to objects), `runner` (training),
 `evaluation` (Recall@K accuracy calculator), `checkpoint` (exact resume),
-`compare` and `plots`. Submodules are not imported here, so importing the
+`compare` and `plots`; `search_space` / `search` (the
+hyperparameter search, ``--bayes_opt_iters``; needs optuna). Submodules are not imported here, so importing the
 package stays cheap and a CLI error never waits on torch.
 """
 

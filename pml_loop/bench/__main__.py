@@ -3,7 +3,8 @@
 Order matters: the config is merged, validated and every object that can be
 built before training is built (`registry.check_buildable`), so a typo in a
 class name or keyword stops the run in seconds with the file and key to edit,
-not after the first epoch.
+not after the first epoch. ``--bayes_opt_iters`` (and the other search
+flags) hand the command line to `search.main`.
 """
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ def prepare(argv: Optional[Sequence[str]]) -> tuple:
     return namespace, cfg, provenance
 
 
+def is_search(argv: Optional[Sequence[str]]) -> bool:
+    """Whether the command line asks for a hyperparameter search (any of its
+    flags; the search itself reports a flag given without the others)."""
+    namespace, _ = cli.parse_args(argv)
+    return any(
+        getattr(namespace, flag) is not None for flag in ("bayes_opt_iters", "reproductions", "study_storage")
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (2 on a config error).
 
@@ -79,6 +89,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     context = distributed.SINGLE
     try:
+        if is_search(argv):
+            # imported here: a plain run needs neither optuna nor its import time
+            from . import search
+
+            return search.main(argv)
         namespace, cfg, provenance = prepare(argv)
         experiment_dir = str(cli.experiment_dir(namespace))
         launch = distributed.launch_from_env()

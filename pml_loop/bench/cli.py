@@ -7,7 +7,9 @@
 `parse_args` separates the known flags from the overrides (every other
 ``--key value``, the value parsed as YAML); `make_config` turns both into
 the merged config the runner uses, honouring ``--resume_training``,
-``--evaluate`` and ``--reproduce_results``.
+``--evaluate`` and ``--reproduce_results``. ``--bayes_opt_iters``,
+``--reproductions`` and ``--study_storage`` belong to the hyperparameter
+search (`search.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .config import (
     saved_configs_dir,
     validate_config,
 )
+from .search_space import search_dimensions
 
 DEFAULT_ROOT_EXPERIMENT_FOLDER = "experiments"
 DEFAULT_DIST_TIMEOUT_S = 600.0  # = distributed.DEFAULT_TIMEOUT_S (not imported: cli stays torch-free)
@@ -78,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="with several processes (torchrun): how long a process waits for the others "
         "(including rank 0's evaluation) before it stops with an error instead of hanging",
     )
+    search = parser.add_argument_group(
+        "hyperparameter search",
+        "config keys ending in ~BAYESIAN~, ~LOG_BAYESIAN~ or ~INT_BAYESIAN~ with a [low, high] "
+        "value are searched; each trial is an experiment in <experiment>/<experiment><i>/",
+    )
+    search.add_argument("--bayes_opt_iters", type=int, default=None, metavar="N",
+                        help="number of trials (all workers sharing the study together)")
+    search.add_argument("--reproductions", type=int, default=None, metavar="R",
+                        help="retrain the best setting R times with new seeds and report test metrics")
+    search.add_argument("--study_storage", default=None, metavar="URL_OR_PATH",
+                        help="optuna storage shared by workers: sqlite:///file.db, another RDB URL, or "
+                        "a journal file path (default: <experiment>/optuna_journal.log)")
     return parser
 
 
@@ -160,7 +175,9 @@ def experiment_dir(namespace: argparse.Namespace) -> Path:
     return Path(namespace.root_experiment_folder).expanduser() / namespace.experiment_name
 
 
-def load_configs(namespace: argparse.Namespace, overrides: dict[str, Any]) -> FolderConfigs:
+def load_configs(
+    namespace: argparse.Namespace, overrides: dict[str, Any], *, rerun_same: bool = False
+) -> FolderConfigs:
     """The per-folder configs this run uses (what the runner saves).
 
     - ``--reproduce_results PATH``: PATH's saved configs, then the overrides
@@ -169,7 +186,9 @@ def load_configs(namespace: argparse.Namespace, overrides: dict[str, Any]) -> Fo
       configs, then the overrides;
     - otherwise the config folders merged fresh; refused when the experiment
       already has saved configs, so a finished run is never silently mixed
-      with a different config.
+      with a different config. With ``rerun_same=True`` (a search, which is
+      resumed by running the same command again) an existing experiment is
+      accepted when its saved config equals the fresh merge.
     """
     if namespace.reproduce_results:
         configs = load_saved_folders(namespace.reproduce_results)
@@ -183,13 +202,26 @@ def load_configs(namespace: argparse.Namespace, overrides: dict[str, Any]) -> Fo
         configs = load_saved_folders(directory)
         configs.apply_overrides(overrides)
         return configs
-    if has_saved_config(directory):
+    exists = has_saved_config(directory)
+    if exists and not rerun_same:
         raise ConfigError(
             f"{saved_configs_dir(directory)}: experiment '{namespace.experiment_name}' already exists; "
             "pass --resume_training latest|best or --evaluate, or pick another --experiment_name"
         )
     names = {folder: getattr(namespace, folder) for folder in CONFIG_FOLDERS if getattr(namespace, folder)}
-    return load_config_folders(names, namespace.root_config_folder, overrides)
+    configs = load_config_folders(names, namespace.root_config_folder, overrides)
+    if exists:
+        saved = load_saved_folders(directory).merged()
+        fresh = configs.merged()
+        if saved != fresh:
+            changed = sorted(k for k in set(saved) | set(fresh) if saved.get(k) != fresh.get(k))
+            raise ConfigError(
+                f"{saved_configs_dir(directory)}: experiment '{namespace.experiment_name}' already exists "
+                f"with a different config (top-level keys that differ: {', '.join(map(str, changed))}); "
+                "run the same command to resume it, add --resume_training latest to use its saved "
+                "config, or pick another --experiment_name"
+            )
+    return configs
 
 
 def make_config(
@@ -199,12 +231,27 @@ def make_config(
 
     Checked with `validate_config` unless ``validate=False``. The runner
     saves it with ``config.save_config(cfg, provenance, experiment_dir(ns))``.
+    A config holding search dimensions (``key~BAYESIAN~: [low, high]``) is
+    refused here: it is not one experiment but a search (`search.py`).
     """
     configs = load_configs(namespace, overrides)
     cfg = configs.merged()
+    refuse_search_keys(cfg, configs.provenance)
     if validate:
         validate_config(cfg, configs.provenance)
     return cfg, configs.provenance
+
+
+def refuse_search_keys(cfg: dict[str, Any], provenance: Provenance) -> None:
+    """Raise a ConfigError naming the first search key of `cfg`, if any
+    (after the search's own bounds checks, so a typo there is named too)."""
+    dims = search_dimensions(cfg, provenance)
+    if dims:
+        others = f" (and {len(dims) - 1} more)" if len(dims) > 1 else ""
+        raise ConfigError(
+            f"{dims[0].where}{others}: a search dimension, which needs --bayes_opt_iters N "
+            "(the number of trials); to run one experiment give the key a plain value instead"
+        )
 
 
 __all__ = [
@@ -214,4 +261,5 @@ __all__ = [
     "load_configs",
     "make_config",
     "parse_args",
+    "refuse_search_keys",
 ]

@@ -12,6 +12,13 @@ names them, with powerful-benchmarker's merge keys:
   "change the class, keep the kwargs") and merges ``{..}`` into its value;
 - ``key~DELETE~: ~``        remove ``key``.
 
+A key may also carry a hyperparameter-search suffix, ``key~BAYESIAN~``,
+``key~LOG_BAYESIAN~`` or ``key~INT_BAYESIAN~`` with a ``[low, high]`` value
+(see `search_space`). Merging keeps such a key as it is, but treats it as the
+same setting as plain ``key``: setting one replaces the other, and
+``key~DELETE~`` removes either. The suffix is stripped only when a trial's
+values are substituted.
+
 Plain dicts merge recursively; any other value replaces. While merging we
 keep a `Provenance` (which file last set each key path) so that errors found
 much later, when objects are built, still name the file the user must edit.
@@ -194,6 +201,25 @@ def dump_yaml(data: Any) -> str:
 
 _MERGE_KEY = re.compile(r"^(?P<name>.*?)~(?P<op>OVERRIDE|APPLY|SWAP|DELETE)~(?P<depth>\d*)$")
 _OPS_WITH_DEPTH = ("APPLY", "SWAP")
+# Search suffix -> kind of dimension (powerful-benchmarker's names).
+SEARCH_SUFFIXES: dict[str, str] = {"BAYESIAN": "float", "LOG_BAYESIAN": "log", "INT_BAYESIAN": "int"}
+_SEARCH_KEY = re.compile(r"^(?P<name>[^~]+)~(?P<suffix>" + "|".join(SEARCH_SUFFIXES) + r")~$")
+
+
+def split_search_key(key: Any) -> Optional[tuple[str, str]]:
+    """``"margin~BAYESIAN~"`` -> ``("margin", "BAYESIAN")``; None for any
+    other key (merge keys included)."""
+    if not isinstance(key, str):
+        return None
+    match = _SEARCH_KEY.match(key)
+    return (match.group("name"), match.group("suffix")) if match else None
+
+
+def base_key(key: Any) -> Any:
+    """The key a search key stands for (``margin~BAYESIAN~`` -> ``margin``);
+    any other key unchanged."""
+    split = split_search_key(key)
+    return split[0] if split else key
 
 
 @dataclass(frozen=True)
@@ -209,12 +235,19 @@ def parse_merge_key(key: Any, where: str = "") -> MergeKey:
     """Split a config key into its name and merge instruction."""
     if not isinstance(key, str) or "~" not in key:
         return MergeKey(key)
+    if split_search_key(key):
+        # a search dimension is an ordinary key while merging; its [low, high]
+        # value replaces whatever was there (see _drop_variants)
+        return MergeKey(key)
     match = _MERGE_KEY.match(key)
     prefix = f"{where}: " if where else ""
-    if match is None or not match.group("name"):
+    if match is None or not match.group("name") or (
+        "~" in match.group("name") and not split_search_key(match.group("name"))
+    ):
         raise ConfigError(
             f"{prefix}{key}: unknown merge key; use key~OVERRIDE~, key~APPLY~N, "
-            "key~SWAP~N or key~DELETE~"
+            "key~SWAP~N or key~DELETE~ (or key~BAYESIAN~, key~LOG_BAYESIAN~, "
+            "key~INT_BAYESIAN~ for a search dimension)"
         )
     op, depth = match.group("op"), match.group("depth")
     if op in _OPS_WITH_DEPTH and not depth:
@@ -242,9 +275,14 @@ def merge(
     `source`.
     """
     result = copy.deepcopy(dict(base))
+    _refuse_variants_set_twice(update, source, _path)
     for raw_key, value in update.items():
         key = parse_merge_key(raw_key, _where(source, _path))
         path = _path + (key.name,)
+        if key.op in (None, "OVERRIDE"):
+            # `margin: 0.2` after `margin~BAYESIAN~: [0, 1]` (or the reverse)
+            # is a new value for the same setting, not a second setting
+            _drop_variants(result, key.name, provenance, _path)
         if key.op is None:
             if isinstance(value, dict) and isinstance(result.get(key.name), dict):
                 result[key.name] = merge(
@@ -257,11 +295,13 @@ def merge(
             result[key.name] = _clean(value, source, path)
             _record(provenance, path, result[key.name], source)
         elif key.op == "DELETE":
-            if key.name not in result:
+            variants = [k for k in result if k == key.name or base_key(k) == base_key(key.name)]
+            if not variants:
                 raise ConfigError(f"{_where(source, path)}~DELETE~: nothing to delete")
-            del result[key.name]
-            if provenance is not None:
-                provenance.forget(path)
+            for variant in variants:
+                del result[variant]
+                if provenance is not None:
+                    provenance.forget(_path + (str(variant),))
         elif key.op == "APPLY":
             _require_dict_target(result, key, raw_key, source, _path)
             result[key.name] = _apply(
@@ -275,6 +315,35 @@ def merge(
                 result[key.name], value, key.depth - 1, source, provenance, path, raw_key
             )
     return result
+
+
+def _drop_variants(result: dict, name: Any, provenance: Optional[Provenance], parent: KeyPath) -> None:
+    """Remove the keys of `result` that set the same thing as `name` under
+    another spelling (plain vs search suffix, or another search suffix)."""
+    for other in [k for k in result if k != name and base_key(k) == base_key(name)]:
+        del result[other]
+        if provenance is not None:
+            provenance.forget(parent + (str(other),))
+
+
+def _refuse_variants_set_twice(update: Mapping, source: str, parent: KeyPath) -> None:
+    """One mapping giving both ``margin`` and ``margin~BAYESIAN~`` is
+    ambiguous: which one wins would depend on the order of the lines."""
+    seen: dict[Any, Any] = {}
+    for raw_key in update:
+        name = raw_key
+        if isinstance(raw_key, str) and not split_search_key(raw_key):
+            match = _MERGE_KEY.match(raw_key)
+            if match is not None and match.group("op") in ("APPLY", "SWAP", "DELETE"):
+                continue  # acts on a key, does not set it
+            name = match.group("name") if match is not None else raw_key
+        base = base_key(name)
+        if base in seen:
+            raise ConfigError(
+                f"{_where(source, parent + (str(raw_key),))}: '{seen[base]}' and '{raw_key}' "
+                "set the same key in one mapping; keep one"
+            )
+        seen[base] = raw_key
 
 
 def _where(source: str, path: KeyPath) -> str:
@@ -498,7 +567,7 @@ class FolderConfigs:
         folders reproduce the run."""
         for raw_key, value in overrides.items():
             key = parse_merge_key(raw_key, f"{label_prefix} --{raw_key}")
-            folder = self.provenance.folders.get(key.name, FALLBACK_FOLDER)
+            folder = self.provenance.folders.get(base_key(key.name), FALLBACK_FOLDER)
             self.by_folder.setdefault(folder, {})
             self.by_folder[folder] = merge(
                 self.by_folder[folder],
@@ -507,7 +576,7 @@ class FolderConfigs:
                 provenance=self.provenance,
             )
             if key.op != "DELETE":
-                self.provenance.folders[key.name] = folder
+                self.provenance.folders[base_key(key.name)] = folder
 
 
 def load_config_folders(
@@ -534,7 +603,8 @@ def load_config_folders(
 
 def _claim_keys(provenance: Provenance, folder: str, config: dict) -> None:
     for key in config:
-        owner = provenance.folders.setdefault(key, folder)
+        # keyed by the base name: `seed~INT_BAYESIAN~` belongs where `seed` does
+        owner = provenance.folders.setdefault(base_key(key), folder)
         if owner != folder:
             raise ConfigError(
                 f"{provenance.origin([key])}: top-level key '{key}' is also set by {owner}; "
@@ -564,7 +634,7 @@ def split_by_folder(cfg: Mapping[str, Any], provenance: Provenance) -> dict[str,
     """The merged config cut back into its folders (by `provenance.folders`)."""
     by_folder: dict[str, dict] = {folder: {} for folder in CONFIG_FOLDERS}
     for key, value in cfg.items():
-        by_folder[provenance.folders.get(key, FALLBACK_FOLDER)][key] = copy.deepcopy(value)
+        by_folder[provenance.folders.get(base_key(key), FALLBACK_FOLDER)][key] = copy.deepcopy(value)
     return by_folder
 
 
@@ -800,12 +870,14 @@ __all__ = [
     "CONFIG_FOLDERS",
     "ConfigError",
     "FolderConfigs",
+    "SEARCH_SUFFIXES",
     "MergeKey",
     "OPTIONAL_KEYS",
     "Provenance",
     "REQUIRED_KEYS",
     "SCHEMA_KEYS",
     "available_configs",
+    "base_key",
     "dump_yaml",
     "find_config_file",
     "has_saved_config",
@@ -821,6 +893,7 @@ __all__ = [
     "save_config",
     "saved_configs_dir",
     "split_by_folder",
+    "split_search_key",
     "validate_config",
     "where_of",
 ]
