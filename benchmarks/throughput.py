@@ -63,6 +63,7 @@ def measure(rank: int, world_size: int, args: argparse.Namespace, rdzv: str, out
     local = args.batch // world_size
     results: Dict[str, float] = {}
     try:
+        setups = {}
         for name, make_loss in VARIANTS.items():
             torch.manual_seed(0)
             trunk = GlyphCNN()
@@ -72,11 +73,14 @@ def measure(rank: int, world_size: int, args: argparse.Namespace, rdzv: str, out
             if active:
                 models = dist_mod.wrap_models(models, context)
                 loss_funcs, _ = dist_mod.wrap_losses_and_miners(loss_funcs, {})
-            optimizer = torch.optim.Adam(params, lr=1e-3)
-            steps = []
-            for step in range(args.warmup + args.iters):
-                x, labels = global_batch(args.batch, args.m, args.size, seed=step)
-                x, labels = x[rank * local:(rank + 1) * local], labels[rank * local:(rank + 1) * local]
+            setups[name] = (models, loss_funcs, torch.optim.Adam(params, lr=1e-3))
+        steps: Dict[str, List[float]] = {name: [] for name in VARIANTS}
+        for step in range(args.warmup + args.iters):
+            x, labels = global_batch(args.batch, args.m, args.size, seed=step)
+            x, labels = x[rank * local:(rank + 1) * local], labels[rank * local:(rank + 1) * local]
+            # the variants take turns step by step, so each ratio is measured
+            # under the same load (and CPU clock) as its baseline
+            for name, (models, loss_funcs, optimizer) in setups.items():
                 if active:
                     dist.barrier()  # time the step, not the wait for a slower rank's previous one
                 start = time.perf_counter()
@@ -87,9 +91,9 @@ def measure(rank: int, world_size: int, args: argparse.Namespace, rdzv: str, out
                 if active:
                     dist.barrier()
                 if step >= args.warmup:
-                    steps.append(time.perf_counter() - start)
-            # the median step: robust to a stray slow step on a shared machine
-            results[name] = args.batch / sorted(steps)[len(steps) // 2]
+                    steps[name].append(time.perf_counter() - start)
+        # the median step: robust to a stray slow step on a shared machine
+        results = {name: args.batch / sorted(t)[len(t) // 2] for name, t in steps.items()}
         if rank == 0:
             torch.save(results, out)
     finally:

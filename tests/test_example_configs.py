@@ -27,6 +27,7 @@ from pml_loop.bench.config import (
     validate_config,
 )
 from pml_loop.bench.registry import build, check_buildable, resolve
+from pml_loop.bench.search_space import midpoint_values, search_dimensions, substitute, substitute_provenance
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "configs"
@@ -86,9 +87,13 @@ def test_yaml_parses_and_keys_belong_to_its_folder(path):
 def test_config_validates_and_builds(combination):
     root, names = combination
     configs = load_config_folders(names, None if root == PACKAGE else root)
-    cfg = configs.merged()
-    validate_config(cfg, configs.provenance)
-    built = check_buildable(_without_uninstalled_trunk(cfg), configs.provenance)
+    cfg, provenance = configs.merged(), configs.provenance
+    dims = search_dimensions(cfg, provenance)
+    if dims:  # a search space (tune_*.yaml): check it as a trial at the middle of each range
+        cfg = substitute(cfg, dims, midpoint_values(dims))
+        provenance = substitute_provenance(provenance, dims)
+    validate_config(cfg, provenance)
+    built = check_buildable(_without_uninstalled_trunk(cfg), provenance)
     assert "loss_funcs.metric_loss" in built and "models.trunk" in built
 
 

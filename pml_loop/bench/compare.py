@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import cli, config, registry, runner
+from . import cli, config, registry, runner, tune
 from .config import ConfigError
 from .plots import plot_curves
 
@@ -68,13 +68,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
         "config overrides passed to every run (e.g. --num_epochs_train 2).",
         allow_abbrev=False,
     )
-    parser.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES),
-                        help="config_loss_and_miners files layered on default")
+    parser.add_argument("--losses", nargs="+", default=None,
+                        help="config_loss_and_miners files layered on default (with --tune: "
+                        "tune_<loss>.yaml holds each one's search space)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
-    parser.add_argument("--root_experiment_folder", default=DEFAULT_ROOT)
+    parser.add_argument("--root_experiment_folder", default=None)
     parser.add_argument("--dataset_root", default=None)
     parser.add_argument("--root_config_folder", default=None)
+    tuned = parser.add_argument_group(
+        "tuned comparison",
+        "--tune searches each loss's margin and the learning rates with the same budget "
+        "for plain and LoOp, then retrains the best settings (pml_loop/bench/tune.py)",
+    )
+    tuned.add_argument("--tune", action="store_true")
+    tuned.add_argument("--trials", type=int, default=tune.DEFAULT_TRIALS, help="trials per loss")
+    tuned.add_argument("--reproductions", type=int, default=tune.DEFAULT_REPRODUCTIONS,
+                       help="retrainings of each loss's best setting")
+    tuned.add_argument("--workers", type=int, default=1,
+                       help="processes sharing the searches (each gets cores / workers threads)")
     namespace, passthrough = parser.parse_known_args(argv)
+    if namespace.losses is None:
+        namespace.losses = list(tune.TUNE_LOSSES if namespace.tune else DEFAULT_LOSSES)
+    if namespace.root_experiment_folder is None:
+        namespace.root_experiment_folder = tune.DEFAULT_ROOT if namespace.tune else DEFAULT_ROOT
+    if namespace.workers < 1:
+        parser.error(f"--workers must be 1 or more, got {namespace.workers}")
+    if namespace.workers > 1 and not namespace.tune:
+        parser.error("--workers applies to --tune (the plain comparison runs its runs in turn)")
     return namespace, passthrough
 
 
@@ -293,7 +313,10 @@ def compare(options: argparse.Namespace, passthrough: Sequence[str]) -> List[Run
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     options, passthrough = parse_args(argv)
+    if options.tune:
+        return tune.main(options, passthrough, argv)
     start = time.perf_counter()
     try:
         runs = compare(options, passthrough)
