@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -177,6 +178,7 @@ def test_a_search_key_in_a_file_is_named_with_the_file(tmp_path):
     (["--bayes_opt_iters", "-3"] + MARGIN, "must be 1 or more, got -3"),
     (["--reproductions", "2"] + MARGIN, "--reproductions retrains the best setting"),
     (["--reproductions", "2"], "it needs --bayes_opt_iters"),
+    (["--prune"] + MARGIN, "--prune belongs to a hyperparameter search: it needs --bayes_opt_iters N"),
     (["--bayes_opt_iters", "2", "--reproductions", "-1"] + MARGIN, "--reproductions: must be 0 or more"),
     (["--bayes_opt_iters", "2"], "the config has no search dimension"),
     (["--bayes_opt_iters", "2", "--evaluate"] + MARGIN, "--evaluate does not apply to a search"),
@@ -363,3 +365,28 @@ def test_plain_runs_do_not_need_optuna():
     assert done.returncode == 0, done.stderr
     assert "MissingExtraError" in done.stdout and 'pip install "pml-loop[bench]"' in done.stdout
     assert "optuna" in done.stdout
+
+
+def test_pruned_trials_stop_early_and_use_up_the_budget(tmp_path, monkeypatch):
+    # a pruner that stops every trial once it may (from its second epoch):
+    # the plumbing, not optuna's median rule, is under test
+    monkeypatch.setattr(search, "make_pruner", lambda: optuna.pruners.ThresholdPruner(lower=2.0, n_warmup_steps=2))
+    argv = search_argv(tmp_path, "--bayes_opt_iters", "2", "--reproductions", "1", "--prune",
+                       "--num_epochs_train", "4", "--check_untrained_accuracy", "false", *MARGIN)
+    result = search.run_search(argv)
+    assert result.finished and result.best_trial is None and not result.reproductions
+    assert [t.state for t in result.trials] == ["PRUNED", "PRUNED"]
+    experiment = tmp_path / "runs" / "s"
+    for number in (0, 1):
+        saved = torch.load(experiment / f"s{number}" / "fold_0" / "saved_models" / "checkpoint_latest.pth",
+                           weights_only=False)
+        assert saved["state"]["epoch"] == 2  # stopped after epoch 2's evaluation, not 4
+    log = (experiment / search.SEARCH_LOG_FILE).read_text()
+    assert log.count("pruned: fold 0 epoch 2") == 2
+    assert not (experiment / "s_reproduction0").exists()
+
+
+def test_without_prune_no_trial_is_pruned(tmp_path, monkeypatch):
+    monkeypatch.setattr(search, "make_pruner", lambda: optuna.pruners.ThresholdPruner(lower=2.0))
+    result = search.run_search(search_argv(tmp_path, "--bayes_opt_iters", "1", *FAST, *MARGIN))
+    assert [t.state for t in result.trials] == ["COMPLETE"]

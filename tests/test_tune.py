@@ -68,6 +68,6 @@ def test_bad_tune_settings_are_refused_before_anything_runs(tmp_path, capsys):
 def test_workers_split_the_cores_and_drop_the_workers_flag():
     assert tune.without_workers_flag(["--tune", "--workers", "2", "--trials", "4"]) == ["--tune", "--trials", "4"]
     assert tune.without_workers_flag(["--workers=3", "--tune"]) == ["--tune"]
-    assert tune.with_threads(["--num_threads", "2"], 2) == ["--num_threads", "2"]
-    assert tune.with_threads([], 1) == []
-    assert tune.with_threads([], 2)[:1] == ["--num_threads"]
+    assert tune.thread_flags(["--num_threads", "2"], 2) == []
+    assert tune.thread_flags([], 1) == []
+    assert tune.thread_flags([], 2)[:1] == ["--num_threads"]

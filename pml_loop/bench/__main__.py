@@ -74,7 +74,7 @@ def is_search(argv: Optional[Sequence[str]]) -> bool:
     """Whether the command line asks for a hyperparameter search (any of its
     flags; the search itself reports a flag given without the others)."""
     namespace, _ = cli.parse_args(argv)
-    return any(
+    return namespace.prune or any(
         getattr(namespace, flag) is not None for flag in ("bayes_opt_iters", "reproductions", "study_storage")
     )
 

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--study_storage", default=None, metavar="URL_OR_PATH",
                         help="optuna storage shared by workers: sqlite:///file.db, another RDB URL, or "
                         "a journal file path (default: <experiment>/optuna_journal.log)")
+    search.add_argument("--prune", action="store_true",
+                        help="stop a trial early when its val score after an epoch is below the median "
+                        "of earlier trials' at that epoch (optuna's MedianPruner)")
     return parser
 
 

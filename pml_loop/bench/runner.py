@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ from .config import ConfigError
 from .progress import RunProgress, pml_bars_silenced
 
 LOGGER = logging.getLogger(__name__)
+# (fold, epoch, {split: {metric: value}}) after an evaluation; see run_experiment
+EvaluationCallback = Callable[[int, int, Dict[str, Dict[str, float]]], None]
 EVAL_SPLITS = {"train", "val", "test", "train+val"}
 
 LOG_EVERY_N_ITERATIONS = 10
@@ -428,8 +430,10 @@ class FoldTraining:
         fold: int,
         dataset_root: Optional[str],
         dist: dist_mod.DistContext = dist_mod.SINGLE,
+        on_evaluation: Optional[EvaluationCallback] = None,
     ):
         self.cfg = cfg
+        self.on_evaluation = on_evaluation
         self.folder = folder
         self.fold = fold
         self.dist = dist  # rank 0 alone evaluates, logs and checkpoints
@@ -564,6 +568,8 @@ class FoldTraining:
         # newer than the checkpoint, which resuming trims.
         self.record_keeper.save_records()
         self._save(is_best)
+        if self.on_evaluation is not None and epoch > 0:
+            self.on_evaluation(self.fold, epoch, accuracies)
         patience = self.cfg.get("patience")
         if patience is not None and self.state.evals_without_improvement > patience:
             LOGGER.info("fold %d: no improvement in %d evaluations, stopping", self.fold, patience + 1)
@@ -711,6 +717,7 @@ def run_fold(
     resume: Optional[str] = None,
     dataset_root: Optional[str] = None,
     dist: dist_mod.DistContext = dist_mod.SINGLE,
+    on_evaluation: Optional[EvaluationCallback] = None,
 ) -> FoldResult:
     """Train (or resume) one fold. With resume="latest" a complete fold is
     skipped; a finished one whose num_epochs_train was raised trains on.
@@ -731,7 +738,7 @@ def run_fold(
 
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg["num_threads"])
-    run = FoldTraining(cfg, folder, fold, dataset_root, dist)
+    run = FoldTraining(cfg, folder, fold, dataset_root, dist, on_evaluation)
     # no best checkpoint yet (only the untrained epoch was evaluated): latest
     resumed = resume is not None and (run.restore(resume) or run.restore(ckpt.LATEST))
     if resumed:
@@ -801,12 +808,17 @@ def run_experiment(
     resume: Optional[str] = None,
     dataset_root: Optional[str] = None,
     dist: dist_mod.DistContext = dist_mod.SINGLE,
+    on_evaluation: Optional[EvaluationCallback] = None,
 ) -> ExperimentResult:
     """Run every fold in cfg['splits']['folds'] and write meta_logs (rank 0
-    only when several processes train; the others' result has no meta)."""
+    only when several processes train; the others' result has no meta).
+
+    `on_evaluation(fold, epoch, accuracies)` is called on rank 0 after each
+    trained epoch's evaluation is logged and checkpointed; it may raise to
+    stop the run (a search's pruner does), which leaves it resumable there."""
     result = ExperimentResult(experiment_dir=experiment_dir)
     for fold in cfg["splits"]["folds"]:
-        result.folds.append(run_fold(cfg, experiment_dir, fold, resume, dataset_root, dist))
+        result.folds.append(run_fold(cfg, experiment_dir, fold, resume, dataset_root, dist, on_evaluation))
     if dist.is_main:
         result.meta = write_meta_logs(experiment_dir, result.folds)
     return result

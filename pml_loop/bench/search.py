@@ -169,6 +169,7 @@ class SearchSetup:
     n_trials: int
     reproductions: int
     storage: str  # an RDB URL or a journal file path
+    prune: bool = False  # stop hopeless trials early (make_pruner)
 
     @property
     def experiment_name(self) -> str:
@@ -205,7 +206,8 @@ def prepare_search(argv: Optional[Sequence[str]] = None) -> SearchSetup:
                 "--reproductions retrains the best setting of a hyperparameter search: "
                 "it needs --bayes_opt_iters N and search keys (key~BAYESIAN~: [low, high])"
             )
-        raise ConfigError("--study_storage belongs to a hyperparameter search: it needs --bayes_opt_iters N")
+        flag = "--prune" if namespace.prune and namespace.study_storage is None else "--study_storage"
+        raise ConfigError(f"{flag} belongs to a hyperparameter search: it needs --bayes_opt_iters N")
     if n_trials < 1:
         raise ConfigError(f"--bayes_opt_iters: the number of trials must be 1 or more, got {n_trials}")
     if reproductions is not None and reproductions < 0:
@@ -227,7 +229,9 @@ def prepare_search(argv: Optional[Sequence[str]] = None) -> SearchSetup:
         )
     _check_candidates(cfg, provenance, dims)
     storage = namespace.study_storage or str(directory / JOURNAL_FILENAME)
-    return SearchSetup(namespace, cfg, provenance, dims, directory, n_trials, reproductions or 0, storage)
+    return SearchSetup(
+        namespace, cfg, provenance, dims, directory, n_trials, reproductions or 0, storage, namespace.prune
+    )
 
 
 def _check_candidates(cfg: dict, provenance: Provenance, dims: Sequence[Dimension]) -> None:
@@ -274,6 +278,7 @@ def open_study(setup: SearchSetup, storage: optuna.storages.BaseStorage) -> optu
     study = optuna.create_study(
         study_name=setup.experiment_name, storage=storage, direction="maximize", load_if_exists=True,
         sampler=_sampler(setup, 0),  # replaced per trial (see _sampler)
+        pruner=make_pruner() if setup.prune else optuna.pruners.NopPruner(),
     )
     wanted = {STUDY_SPACE: describe_space(setup.dims), STUDY_OBJECTIVE: setup.objective}
     for key, value in wanted.items():
@@ -409,6 +414,35 @@ def recover_stale_trials(study: optuna.Study, setup: SearchSetup, worker: Worker
     return requeued
 
 
+def make_pruner() -> optuna.pruners.BasePruner:
+    """Median rule: from its second epoch on, a trial whose val score is below
+    the median of the earlier trials' at the same epoch stops; the first two
+    trials always run to the end (they make the median)."""
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+
+
+def _pruning_reporter(setup: SearchSetup, cfg: Mapping[str, Any], trial: optuna.Trial) -> runner.EvaluationCallback:
+    """The runner's per-evaluation callback of one trial: reports the val
+    score (step = epoch, counted on across folds) and stops the run with
+    optuna.TrialPruned when the pruner says so."""
+    folds = list(cfg["splits"]["folds"])
+    epochs = int(cfg["num_epochs_train"])
+
+    def report(fold: int, epoch: int, accuracies: Mapping[str, Mapping[str, float]]) -> None:
+        value = accuracies.get(OBJECTIVE_SPLIT, {}).get(setup.metric)
+        if value is None:
+            return
+        step = folds.index(fold) * epochs + epoch
+        trial.report(float(value), step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(
+                f"fold {fold} epoch {epoch}: {OBJECTIVE_SPLIT} {setup.metric} {value:.4f} is below the "
+                "median of the earlier trials at that epoch"
+            )
+
+    return report
+
+
 def _slots_used(trials: Sequence[FrozenTrial]) -> int:
     return sum(t.state != TrialState.FAIL for t in trials)
 
@@ -456,7 +490,8 @@ def _file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
 
 # ----------------------------------------------------------------- trials
 def _run_in_folder(
-    setup: SearchSetup, cfg: dict, provenance: Provenance, folder_name: str
+    setup: SearchSetup, cfg: dict, provenance: Provenance, folder_name: str,
+    on_evaluation: Optional[runner.EvaluationCallback] = None,
 ) -> runner.ExperimentResult:
     """Run (or resume, or read back when complete) the experiment `cfg` in
     ``<experiment>/<folder_name>``. A folder holding another config is an
@@ -474,7 +509,9 @@ def _run_in_folder(
         resume = runner.ckpt.LATEST
     else:
         config.save_config(cfg, provenance, folder)
-    return runner.run_experiment(cfg, str(folder), resume=resume, dataset_root=setup.namespace.dataset_root)
+    return runner.run_experiment(
+        cfg, str(folder), resume=resume, dataset_root=setup.namespace.dataset_root, on_evaluation=on_evaluation
+    )
 
 
 def trial_config(setup: SearchSetup, params: Mapping[str, Any]) -> tuple[dict, Provenance]:
@@ -531,8 +568,14 @@ def _run_trials(setup: SearchSetup, study: optuna.Study, worker: Worker) -> None
         try:
             with _heartbeat(study._storage, trial._trial_id):
                 cfg, provenance = search_trial_config(setup, params)
-                result = _run_in_folder(setup, cfg, provenance, folder)
+                report = _pruning_reporter(setup, cfg, trial) if setup.prune else None
+                result = _run_in_folder(setup, cfg, provenance, folder, report)
                 value = _objective(setup, result)
+        except optuna.TrialPruned as pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            LOGGER.info("trial %d pruned: %s", trial.number, pruned)
+            _write_trials_table(setup, study)
+            continue
         except Exception as exc:
             # a genuine error (not a kill): recorded, and the search stops
             trial.set_user_attr(ATTR_ERROR, f"{type(exc).__name__}: {exc}")
@@ -871,10 +914,11 @@ def run_search(argv_or_setup: Union[Sequence[str], SearchSetup, None] = None) ->
 def _finish(setup: SearchSetup, study: optuna.Study) -> SearchResult:
     trials = study.get_trials(deepcopy=False)  # one snapshot: counts that agree
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     running = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
     result = SearchResult(
         experiment_dir=str(setup.experiment_dir), objective=setup.objective,
-        n_trials=setup.n_trials, finished=len(complete) >= setup.n_trials, trials=_summaries(study),
+        n_trials=setup.n_trials, finished=len(done) >= setup.n_trials, trials=_summaries(study),
     )
     best = write_best_parameters(setup, study)
     plot_search(setup, study)
@@ -884,10 +928,13 @@ def _finish(setup: SearchSetup, study: optuna.Study) -> SearchResult:
         result.best_folder = best.user_attrs.get(ATTR_FOLDER)
     if not result.finished:
         LOGGER.info(
-            "%d of %d trials complete, %d running in other workers; the worker finishing the last "
-            "one writes the final reports%s", len(complete), setup.n_trials, running,
-            " and runs the reproductions" if setup.reproductions else "",
+            "%d of %d trials done (%d pruned), %d running in other workers; the worker finishing "
+            "the last one writes the final reports%s", len(done), setup.n_trials, len(done) - len(complete),
+            running, " and runs the reproductions" if setup.reproductions else "",
         )
+        return result
+    if best is None:
+        LOGGER.info("search complete: every trial was pruned, nothing to reproduce")
         return result
     LOGGER.info("search complete: best trial %s, %s = %.4f", best.number, setup.objective, best.value)
     if setup.reproductions:

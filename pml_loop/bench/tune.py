@@ -143,16 +143,17 @@ def start_workers(argv: Sequence[str], count: int) -> List[subprocess.Popen]:
     return [subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(count)]
 
 
-def with_threads(passthrough: Sequence[str], workers: int) -> List[str]:
-    """Split the cores between the workers unless --num_threads is given."""
+def thread_flags(passthrough: Sequence[str], workers: int) -> List[str]:
+    """The flags that split the cores between the workers (none when
+    --num_threads is given or there is one worker)."""
     if workers < 2 or "--num_threads" in passthrough:
-        return list(passthrough)
-    return [*passthrough, "--num_threads", str(max(1, (os.cpu_count() or 1) // workers))]
+        return []
+    return ["--num_threads", str(max(1, (os.cpu_count() or 1) // workers))]
 
 
 def main(options: argparse.Namespace, passthrough: Sequence[str], argv: Sequence[str]) -> int:
     """compare --tune: returns the exit status (2 on a config error)."""
-    added = with_threads(passthrough, options.workers)[len(passthrough):]
+    added = thread_flags(passthrough, options.workers)
     passthrough = [*passthrough, *added]
     start = time.perf_counter()
     try:
