@@ -1,6 +1,7 @@
 """Plain vs LoOp-wrapped losses on the embedded glyphs: the project's main job.
 
-    python -m pml_loop.bench.compare                      # ~10 min on 2 CPU cores
+    python -m pml_loop.bench.compare                      # ~11 min on 2 CPU cores (3 seeds)
+    python -m pml_loop.bench.compare --tune --workers 2   # the tuned comparison, ~35 min
     python -m pml_loop.bench.compare --losses triplet loop_triplet --seeds 0 1 2
     python -m pml_loop.bench.compare --num_epochs_train 2  # any config override
 
