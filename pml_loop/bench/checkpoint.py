@@ -1,11 +1,11 @@
 """Checkpoints that let a run resume exactly, and trimming of logs on resume.
 
 A checkpoint is written at each evaluation and holds everything the next
-epoch depends on: model/optimizer/scheduler/loss/miner state, a float16 run's GradScaler, the sampler's
-label order (MPerClassSampler shuffles its own list in place), every RNG
-(torch, CUDA, numpy - which PML's samplers use through `c_f.NUMPY_RANDOM` -
-and python's `random`), and the training state (epoch, best metric, patience
-counter). Files are written to a temporary name and renamed, so a kill during
+epoch depends on: model/optimizer/scheduler/loss/miner state, a float16
+run's GradScaler, the sampler's label order (MPerClassSampler shuffles its
+own list in place), every RNG (torch, CUDA, numpy - which PML's samplers use
+through `c_f.NUMPY_RANDOM` - and python's `random`), and the training state
+(epoch, best metric, patience counter, wall time). Files are written to a temporary name and renamed, so a kill during
 the write leaves the previous checkpoint intact.
 
 Record-keeper appends to CSVs and sqlite; anything it wrote after the
