@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of this version in one run (about 5 minutes on an H100/H200,
-# budget 8): the CUDA-marked tests, then benchmarks/gpu_check.py (CPU/GPU
+# Every GPU figure of this version in one run (sized for 8 minutes on an H100/H200;
+# not yet timed on one): the CUDA-marked tests, then benchmarks/gpu_check.py (CPU/GPU
 # agreement, host syncs, peak memory, speed eager and compile=True for
 # B = 128..4096, float16/bfloat16 autocast timings, a 1-epoch runner run with
 # mixed precision and faiss-gpu evaluation).

@@ -107,12 +107,13 @@ def run_tuned(options: argparse.Namespace, setups: Sequence[Any]) -> List[TunedV
     trials and reproductions and collect the results."""
     from . import search
 
+    results = []
     for index, setup in enumerate(setups):
         print(f"[{index + 1}/{len(setups)}] {setup.experiment_name}", flush=True)
-        search.run_search(setup)
+        results.append(search.run_search(setup))
     variants = []
-    for loss, setup in zip(options.losses, setups):
-        result = search.run_search(setup)
+    for loss, setup, result in zip(options.losses, setups, results):
+        # unfinished: another worker still holds trials or reproductions
         while not result.finished:
             time.sleep(POLL_SECONDS)
             result = search.run_search(setup)
