@@ -26,10 +26,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import Geometry, PairWeights, QuadGram, best_candidate, candidate_weights, measure_at
+from .functional import Geometry, QuadGram, best_candidate, candidate_weights
 from .functional.compiled import maybe_compiled
-from .functional.gram import constant
-from .functional.loop import CANDIDATE_EXCHANGE, CANDIDATE_SWAPS, measure_partials
+from .functional.gram import first_max
+from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
+from .functional.loop import measure_partials
 from .pairs import PairTable
 
 #: Pair combinations searched at once (one block). The arc search keeps about
@@ -66,22 +67,6 @@ class GramBlocks(NamedTuple):
     @property
     def same_set(self) -> bool:
         return self.qq is self.qr and self.rr is self.qr
-
-
-class Winners(NamedTuple):
-    """Optimal pair combination of every entry (i, j), each ``(n_q, n_r)``: the
-    partner p of i and q of j whose pairs (i, p) and (j, q) realise it, and which
-    candidate of the geometry (in that orientation) is optimal."""
-
-    partner_q: Tensor
-    partner_r: Tensor
-    candidate: Tensor
-
-    def compact(self) -> "Winners":
-        """Stored small (int32 partners, uint8 candidate): a third of int64's memory."""
-        return Winners(self.partner_q.to(torch.int32), self.partner_r.to(torch.int32),
-                       self.candidate.to(torch.uint8))
-
 
 
 def gram_blocks(query: Tensor, ref: Tensor, same_set: bool, qr: Tensor | None = None) -> GramBlocks:
@@ -183,20 +168,25 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
 
 
 # -- pass 1: search ----------------------------------------------------------------
-def _block_scores(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geometry) -> tuple[Tensor, Tensor]:
-    """Best candidate score ``(R, C)`` (larger is better, see ``best_candidate``)
-    of R query pairs against C reference pairs, and which candidate it is."""
-    R, C = len(ends_q), len(ends_r)
+def _block_values(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geometry) -> Tensor:
+    """``(R, C)``: the optimum of R query pairs against C reference pairs as a
+    score, larger is better (the cosine, the dot product, or minus the squared
+    distance: see :func:`measure_of_score`)."""
     rows = torch.cat((ends_q[:, 0], ends_q[:, 1]))
     cols = torch.cat((ends_r[:, 0], ends_r[:, 1]))
     cross = g.qr.index_select(0, rows).index_select(1, cols)  # (2R, 2C): one gather for all
+    if geometry == "arc":
+        return arc_grid_values(cross, _pair_gram(g.qq, ends_q), _pair_gram(g.rr, ends_r))
+    if geometry == "dot":
+        return dot_grid_values(cross)
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
-    q = QuadGram(
-        dq[ends_q[:, 0]].unsqueeze(1), _pair_gram(g.qq, ends_q).unsqueeze(1), dq[ends_q[:, 1]].unsqueeze(1),
-        dr[ends_r[:, 0]].unsqueeze(0), _pair_gram(g.rr, ends_r).unsqueeze(0), dr[ends_r[:, 1]].unsqueeze(0),
-        cross[:R, :C], cross[:R, C:], cross[R:, :C], cross[R:, C:],
-    )
-    return best_candidate(q, geometry)
+    return -segment_grid_values(cross, torch.stack((dq[ends_q[:, 0]], _pair_gram(g.qq, ends_q), dq[ends_q[:, 1]])),
+                                torch.stack((dr[ends_r[:, 0]], _pair_gram(g.rr, ends_r), dr[ends_r[:, 1]])))
+
+
+def measure_of_score(score: Tensor, geometry: Geometry) -> Tensor:
+    """The measure (cosine, dot product or squared distance) of a search score."""
+    return -score if geometry == "segment" else score
 
 
 def _pair_gram(gram: Tensor, ends: Tensor) -> Tensor:
@@ -210,34 +200,40 @@ def _select(x: Tensor, dim: int, index: Tensor) -> Tensor:
     return out.view(*x.shape[:dim], *index.shape, *x.shape[dim + 1:])
 
 
-def _reduce_block(scores: Tensor, which: Tensor, row: Group, col: Group, swaps: Tensor) -> tuple[Tensor, Winners]:
-    """Block scores and candidates ``(R, C)`` -> per (row sample, column sample)
-    the best score and its winner, each ``(s_q, s_r)``."""
-    width = scores.shape[1]
-    if not col.whole:  # padding column for pairs outside the block
-        scores = torch.cat((scores, scores.new_full((scores.shape[0], 1), float("-inf"))), 1)
-    val, r_slot = _select(scores, 1, col.slots).max(2)  # (R, s_r, deg_r) -> (R, s_r)
-    if not row.whole:
-        val = torch.cat((val, val.new_full((1, val.shape[1]), float("-inf"))), 0)
-    val, q_slot = _select(val, 0, row.slots).max(1)  # (s_q, deg_q, s_r) -> (s_q, s_r)
-    q_local = row.slots.gather(1, q_slot).clamp_max(row.stop - row.start - 1)
-    r_slot = r_slot.gather(0, q_local)  # the slot of j that won for that pair of i
-    r_local = col.slots.T.gather(0, r_slot).clamp_max(width - 1)
-    # The block's candidate index is for the pairs as stored; turn it to (i, p | j, q).
-    swap = row.flipped.gather(1, q_slot) * 2 + col.flipped.T.gather(0, r_slot)
-    stored = which.reshape(-1).take(q_local * width + r_local)
-    winners = Winners(row.partner.gather(1, q_slot), col.partner.T.gather(0, r_slot),
-                      swaps.view(-1).take(swap * swaps.shape[1] + stored))
-    return val, winners
+def _pad(x: Tensor, dim: int, value: float) -> Tensor:
+    """``x`` with one more slice of ``value`` at the end of ``dim``."""
+    shape = list(x.shape)
+    shape[dim] = 1
+    return torch.cat((x, x.new_full(shape, value)), dim)
 
 
-def _swap_table(geometry: Geometry, device) -> Tensor:
-    """``(4, k)``: candidate index after swapping neither pair, the second, the
-    first, or both (row ``2 * first + second``)."""
-    first, second = CANDIDATE_SWAPS[geometry]
-    k = len(first)
-    rows = [list(range(k)), list(second), list(first), [second[first[c]] for c in range(k)]]
-    return constant(tuple(map(tuple, rows)), torch.long, device)
+def _reduce_block(scores: Tensor, row: Group, col: Group) -> tuple[Tensor, Tensor, Tensor]:
+    """Block scores ``(R, C)`` -> per (row sample, column sample) the best score
+    and the partners p, q whose pairs realise it, each ``(s_q, s_r)``.
+
+    Both reductions run over the leading dimension of a row selection: on the
+    CPU, selecting and reducing along an inner dimension costs several times more.
+    """
+    if not row.whole:  # a padding row for the pairs outside the block
+        scores = _pad(scores, 0, float("-inf"))
+    val, q_slot = first_max(_select(scores, 0, row.slots.T))  # (deg_q, s_q, C) -> (s_q, C)
+    val = val.T.contiguous()
+    if not col.whole:
+        val = _pad(val, 0, float("-inf"))
+    val, r_slot = first_max(_select(val, 0, col.slots.T))  # (deg_r, s_r, s_q) -> (s_r, s_q)
+    column = col.slots.gather(1, r_slot).clamp_max(q_slot.shape[1] - 1)  # the winning pair of j, in the block
+    q_slot = q_slot.T.gather(0, column)  # the slot of i that won against it
+    return val.T, row.partner.gather(1, q_slot.T), col.partner.gather(1, r_slot).T
+
+
+class Winners(NamedTuple):
+    """The optimum of every entry (i, j), each ``(n_q, n_r)``: the partners p of
+    i and q of j whose pairs (i, p) and (j, q) realise it (int32), and its
+    measure (cosine, dot product or squared distance; no gradient)."""
+
+    partner_q: Tensor
+    partner_r: Tensor
+    value: Tensor
 
 
 @torch.no_grad()
@@ -246,59 +242,71 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     """Best pair combination of every entry (i, j) of different classes (entries
     of one class get a valid but meaningless winner)."""
     g = GramBlocks(*(x.detach() for x in g))
-    swaps = _swap_table(geometry, g.qr.device)
     n_q, n_r = table_q.owned.shape[0], table_r.owned.shape[0]
-    block_scores = maybe_compiled(_block_scores, compile)
+    block_values = maybe_compiled(_block_values, compile)
     if plan.rows[0].samples is None and plan.cols[0].samples is None:  # one block: no merging
-        scores, which = block_scores(g, table_q.ends, table_r.ends, geometry)
-        return _reduce_block(scores, which, plan.rows[0], plan.cols[0], swaps)[1].compact()
-    best = g.qr.new_full((n_q, n_r), float("-inf"))
-    # Winners of entries no block reaches (one class): the sample itself, corner 0.
-    out = Winners(torch.arange(n_q, device=g.qr.device)[:, None].repeat(1, n_r),
-                  torch.arange(n_r, device=g.qr.device)[None, :].repeat(n_q, 1),
-                  torch.zeros(n_q, n_r, dtype=torch.long, device=g.qr.device)).compact()
-    exchange = constant(CANDIDATE_EXCHANGE[geometry], torch.long, g.qr.device)
+        scores = block_values(g, table_q.ends, table_r.ends, geometry)
+        best, p, q = _reduce_block(scores, plan.rows[0], plan.cols[0])
+        return Winners(p.int(), q.int(), measure_of_score(best, geometry))
+    # Entries no block reaches (one class on both sides) keep the corner (i, j),
+    # the optimum of the points (i, i) and (j, j); every combination has it as a candidate.
+    device = g.qr.device
+    best = g.qr.clone() if geometry != "segment" else _corner_scores(g)
+    out = (torch.arange(n_q, device=device, dtype=torch.int32)[:, None].repeat(1, n_r),
+           torch.arange(n_r, device=device, dtype=torch.int32)[None, :].repeat(n_q, 1))
 
-    def merge(row: Group, col: Group, scores: Tensor, which: Tensor) -> None:
-        val, new = _reduce_block(scores, which, row, col, swaps)
-        at = (_samples(row, n_q, g.qr.device)[:, None], _samples(col, n_r, g.qr.device)[None, :])
+    def merge(row: Group, col: Group, scores: Tensor) -> None:
+        val, p, q = _reduce_block(scores, row, col)
+        at = (_samples(row, n_q, device)[:, None], _samples(col, n_r, device)[None, :])
         better = val > best[at]
         best[at] = torch.where(better, val, best[at])
-        for o, n in zip(out, new):
+        for o, n in zip(out, (p, q)):
             o[at] = torch.where(better, n.to(o.dtype), o[at])
 
     for r, row in enumerate(plan.rows):
         for c, col in enumerate(plan.cols):
             if (plan.symmetric and c < r) or (row.label is not None and row.label == col.label):
                 continue  # the mirror of a searched block, or one class on both sides
-            scores, which = block_scores(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry)
-            merge(row, col, scores, which)
+            scores = block_values(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry)
+            merge(row, col, scores)
             if plan.symmetric and c > r:
-                merge(col, row, scores.T, exchange.take(which).T)
-    return out
+                merge(col, row, scores.T)  # LoOp is symmetric in the two pairs
+    return Winners(*out, measure_of_score(best, geometry))
+
+
+def _corner_scores(g: GramBlocks) -> Tensor:
+    """Minus the squared distances of the samples themselves (the segment score of two points)."""
+    return (2 * g.qr).sub_(g.qq.diagonal()[:, None]).sub_(g.rr.diagonal()[None, :])
 
 
 def _samples(group: Group, n: int, device) -> Tensor:
     return torch.arange(n, device=device) if group.samples is None else group.samples
 
 
-# -- pass 2: measure -----------------------------------------------------------------
+# -- pass 2: gradient at the winners ---------------------------------------------------
 def _entry_chunks(n_q: int, n_r: int, upper: bool, chunk_elements: int) -> list[tuple[int, int]]:
-    total = n_q * (n_q - 1) // 2 if upper else n_q * n_r
-    return [(a, min(a + chunk_elements, total)) for a in range(0, total, max(1, chunk_elements))]
+    """Row bands ``[a, b)`` of at most ``chunk_elements`` entries (at least one row);
+    with ``upper`` only the strict upper triangle (j > i) of each band counts."""
+    bands, a = [], 0
+    while a < n_q:
+        b, size = a, 0
+        while b < n_q:
+            row = (n_r - 1 - b) if upper else n_r
+            if b > a and size + row > chunk_elements:
+                break
+            size, b = size + row, b + 1
+        bands.append((a, b))
+        a = b
+    return bands
 
 
 def _entries(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor]:
-    """Rows and columns of the entries ``a:b`` of the matrix, row by row; with
-    ``upper``, of its strict upper triangle (i < j), in closed form."""
-    k = torch.arange(a, b, device=device)
-    if not upper:
-        return k // n_r, k % n_r
-    n = n_q
-    kf = k.to(torch.float64)
-    i = (n - 2 - torch.floor(torch.sqrt(-8 * kf + 4 * n * (n - 1) - 7) / 2 - 0.5)).long()
-    j = k + i + 1 - n * (n - 1) // 2 + (n - i) * (n - i - 1) // 2
-    return i, j
+    """Rows and columns of the entries of rows ``a:b``; with ``upper`` only j > i."""
+    if upper:
+        i, j = torch.triu_indices(b - a, n_r - a, offset=1, device=device)
+        return i + a, j + a
+    k = torch.arange(a * n_r, b * n_r, device=device)
+    return k // n_r, k % n_r
 
 
 def _entry_quad_gram(g: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor) -> QuadGram:
@@ -326,87 +334,92 @@ def _add_partials(d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, par
             target.view(-1).index_add_(0, torch.cat([at for at, _ in pieces]), torch.cat([v for _, v in pieces]))
 
 
-class _MeasureAtOptimum(torch.autograd.Function):
-    """Measure of every entry at its winner's optimal weights; the gradient is
-    that of the measure at the fixed weights (Danskin), chunk by chunk, so that
-    of all entries only the winners are kept for the backward pass (and, when
-    there is a single chunk, its inner products and weights). For one set only
-    the upper triangle is measured: the matrix is symmetric."""
+def _entry_partials(q: QuadGram, grad: Tensor, geometry: Geometry) -> QuadGram:
+    """``grad`` times the partial derivatives of each entry's optimum with
+    respect to its ten inner products: those of the measure at the optimal
+    weights, held fixed (Danskin)."""
+    w = candidate_weights(q, best_candidate(q, geometry)[1], geometry)
+    return QuadGram(*(None if x is None else x * grad for x in measure_partials(q, w, geometry)))
+
+
+def _arc_partials(fields: Tensor, grad: Tensor) -> Tensor:
+    """Arcs (unit ends): ``grad`` times the partial derivatives of each entry's
+    optimum with respect to its six inner products ``fields`` ``(6, N)``, in
+    the order of :func:`_add_arc_partials` (the squared norms are 1 and the
+    cosine does not depend on them)."""
+    cos, a, b = arc_entry_optimum(fields[0], fields[1], fields[2:].view(2, 2, -1))
+    own = torch.stack((a[0] * a[1], b[0] * b[1])).mul_(-cos)
+    return torch.cat((own, (a.unsqueeze(1) * b.unsqueeze(0)).view(4, -1))).mul_(grad)
+
+
+def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, grad: Tensor,
+                 compile: bool) -> None:
+    """Add the arc entries' gradient to ``d``: x_i.x_p, x_j.x_q, then x_i|x_p
+    against x_j|x_q, gathered and scattered back with one index each."""
+    n_q, n_r = g.qr.shape
+    own_q, own_r = i * n_q + p, j * n_r + q
+    cross = torch.stack((i * n_r + j, i * n_r + q, p * n_r + j, p * n_r + q))
+    partials = maybe_compiled(_arc_partials, compile)
+    if d.same_set:
+        at = torch.cat((own_q.unsqueeze(0), own_r.unsqueeze(0), cross))
+        d.qr.view(-1).index_add_(0, at.view(-1), partials(g.qr.take(at), grad).view(-1))
+        return
+    fields = torch.cat((g.qq.take(own_q).unsqueeze(0), g.rr.take(own_r).unsqueeze(0), g.qr.take(cross)))
+    parts = partials(fields, grad)
+    d.qq.view(-1).index_add_(0, own_q, parts[0])
+    d.rr.view(-1).index_add_(0, own_r, parts[1])
+    d.qr.view(-1).index_add_(0, cross.view(-1), parts[2:].reshape(-1))
+
+
+class _AtWinners(torch.autograd.Function):
+    """The winners' measures, with the gradient of the optimum: for each entry
+    its winning combination's optimal weights are found again (a handful of
+    entries' worth of work, not the search) and the measure's partial
+    derivatives at those fixed weights are added to the Gram blocks, chunk by
+    chunk. Only the winners are kept for the backward pass. For one set the
+    matrix is symmetric: only the upper triangle is differentiated."""
 
     @staticmethod
     def forward(ctx, qq, rr, qr, winners, geometry, chunk_elements, compile):
-        g = GramBlocks(qq, qq, qq) if (qq is rr and rr is qr) else GramBlocks(qq, rr, qr)
-        n_q, n_r = winners.partner_q.shape
-        upper = g.same_set
-        chunks = _entry_chunks(n_q, n_r, upper, chunk_elements)
-        measure = maybe_compiled(_measure_entries, compile)
-        out = qr.new_zeros(n_q * n_r)
-        for a, b in chunks:
-            i, j = _entries(a, b, n_q, n_r, upper, qr.device)
-            value, w, q = measure(g, winners, i, j, geometry)
-            out[i * n_r + j] = value
-            if upper:
-                out[j * n_r + i] = value
-        ctx.upper, ctx.geometry, ctx.chunks, ctx.winners = upper, geometry, chunks, winners
-        ctx.compile = compile
-        # One chunk: keep its inner products and weights; several: recompute
-        # them chunk by chunk in the backward pass (memory stays bounded).
-        ctx.single = (q, w) if len(chunks) == 1 else None
+        ctx.same_set = qq is rr and rr is qr
+        ctx.winners, ctx.geometry, ctx.chunk_elements, ctx.compile = winners, geometry, chunk_elements, compile
         ctx.save_for_backward(qq, rr, qr)
-        return out.view(n_q, n_r)
+        return winners.value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         qq, rr, qr = ctx.saved_tensors
-        upper = ctx.upper
-        g = GramBlocks(qq, qq, qq) if upper else GramBlocks(qq, rr, qr)
+        upper = ctx.same_set
         if upper:
+            g = GramBlocks(qq, qq, qq)
             zero = torch.zeros_like(qr)
             d = GramBlocks(zero, zero, zero)
         else:
+            g = GramBlocks(qq, rr, qr)
             d = GramBlocks(torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr))
         n_q, n_r = qr.shape
         grad_flat = grad_out.reshape(-1)
-        partials = maybe_compiled(_partials_entries, ctx.compile)
-        for a, b in ctx.chunks:
+        partials = maybe_compiled(_entry_partials, ctx.compile)
+        arc = ctx.geometry == "arc"
+        w = ctx.winners
+        for a, b in _entry_chunks(n_q, n_r, upper, ctx.chunk_elements):
             i, j = _entries(a, b, n_q, n_r, upper, qr.device)
-            p, q_ = _partners(ctx.winners, i * n_r + j)
-            if ctx.single is not None:
-                quad, weights = ctx.single
-            else:
-                quad = _entry_quad_gram(g, i, j, p, q_)
-                weights = candidate_weights(quad, _candidates(ctx.winners, i * n_r + j), ctx.geometry)
-            grad = grad_flat.take(i * n_r + j)
+            at = i * n_r + j
+            p, q = w.partner_q.reshape(-1).take(at).long(), w.partner_r.reshape(-1).take(at).long()
+            grad = grad_flat.take(at)
             if upper:  # the value stands at (i, j) and (j, i)
                 grad = grad + grad_flat.take(j * n_r + i)
-            _add_partials(d, i, j, p, q_, partials(quad, weights, grad, ctx.geometry))
+            if arc:
+                _arc_entries(g, d, i, j, p, q, grad, ctx.compile)
+            else:
+                _add_partials(d, i, j, p, q, partials(_entry_quad_gram(g, i, j, p, q), grad, ctx.geometry))
         if upper:  # one matrix passed three times: give it the whole gradient once
             return None, None, d.qr, None, None, None, None
         return d.qq, d.rr, d.qr, None, None, None, None
 
 
-def _partners(w: Winners, at: Tensor) -> tuple[Tensor, Tensor]:
-    return w.partner_q.reshape(-1).take(at).long(), w.partner_r.reshape(-1).take(at).long()
-
-
-def _candidates(w: Winners, at: Tensor) -> Tensor:
-    return w.candidate.reshape(-1).take(at).long()
-
-
-def _measure_entries(g: GramBlocks, winners: Winners, i: Tensor, j: Tensor, geometry: Geometry):
-    at = i * g.qr.shape[1] + j
-    q = _entry_quad_gram(g, i, j, *_partners(winners, at))
-    w = candidate_weights(q, _candidates(winners, at), geometry)
-    return measure_at(q, w, geometry), w, q
-
-
-def _partials_entries(q: QuadGram, w: PairWeights, grad: Tensor, geometry: Geometry) -> QuadGram:
-    return QuadGram(*(None if x is None else x * grad for x in measure_partials(q, w, geometry)))
-
-
 def measure_winners(g: GramBlocks, winners: Winners, geometry: Geometry,
                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False) -> Tensor:
     """``(n_q, n_r)`` measure (squared distance, cosine or dot product) of each
-    entry's winner, with gradient to the Gram blocks (for one set the diagonal,
-    a sample against itself, is 0)."""
-    return _MeasureAtOptimum.apply(g.qq, g.rr, g.qr, winners, geometry, chunk_elements, compile)
+    entry's winner, with the gradient of the optimum to the Gram blocks."""
+    return _AtWinners.apply(g.qq, g.rr, g.qr, winners, geometry, chunk_elements, compile)

@@ -305,8 +305,7 @@ class LoOpDistance(BaseDistance):
     def _loop_mat(self, qn, rn, q_labels, r_labels, same_set: bool, keys: tuple) -> Tensor:
         base = self.base.compute_mat(qn, rn)
         neg = q_labels[:, None] != r_labels[None, :]
-        # A similarity's matrix is the Gram block itself: no second product.
-        g = gram_blocks(qn, rn, same_set, qr=base if isinstance(self.base, DotProductSimilarity) else None)
+        g = gram_blocks(qn, rn, same_set, qr=self._cross_gram(base))
         if self.nonfinite != "ignore" and not self._finite(g, same_set):
             self._record(base, base, neg)
             return torch.where(neg, base * float("nan"), base)
@@ -328,6 +327,17 @@ class LoOpDistance(BaseDistance):
         loop = torch.maximum(loop, base) if self.is_inverted else torch.minimum(loop, base)
         self._record(base, loop, neg)
         return torch.where(neg, loop, base)
+
+    def _cross_gram(self, base: Tensor) -> Tensor | None:
+        """The cross Gram block read off the base matrix when it holds it, so
+        that no second matrix product (and its backward) is needed: a
+        similarity's matrix is the Gram block, and between unit vectors the
+        Euclidean distance is sqrt(2 - 2 x.y)."""
+        if isinstance(self.base, DotProductSimilarity):
+            return base
+        if self.geometry == "arc" and type(self.base).compute_mat is LpDistance.compute_mat:
+            return torch.addcmul(torch.ones_like(base), base, base, value=-0.5)
+        return None
 
     def _finite(self, g: GramBlocks, same_set: bool) -> bool:
         # A NaN or inf in a row shows in its squared norm: n checks, not n x d.

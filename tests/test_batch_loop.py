@@ -69,11 +69,11 @@ def _record_blocks(monkeypatch):
     """Shapes and classes of every searched block (and every measured chunk)."""
     import pml_loop.batch_loop as bl
     blocks = []
-    original = bl._block_scores
+    original = bl._block_values
     def spy(g, ends_q, ends_r, geometry):
         blocks.append((len(ends_q), len(ends_r)))
         return original(g, ends_q, ends_r, geometry)
-    monkeypatch.setattr(bl, "_block_scores", spy)
+    monkeypatch.setattr(bl, "_block_values", spy)
     return blocks
 
 

@@ -298,7 +298,7 @@ def test_compiled_search_matches_eager():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the fallback warns: make it fail here
         _compare_compiled(emb, labels)
-    assert {bl._block_scores, bl._measure_entries, bl._partials_entries} <= set(compiled._compiled)
+    assert {bl._block_values, bl._entry_partials} <= set(compiled._compiled)
     assert not compiled._failed
 
 

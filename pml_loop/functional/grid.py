@@ -1,0 +1,207 @@
+"""The LoOp optimum of every combination of two sets of pairs, values only.
+
+The batch search needs, for R first pairs against C second pairs, only the
+best value of each of the R x C combinations; which candidate wins, and where,
+is worked out later for the few winning combinations (see ``batch_loop``).
+On the CPU and on a GPU alike the cost of an elementwise pass over a grid of
+10^4 - 10^5 combinations is mostly its launch, so these functions are written
+for the fewest passes: the four corners are views of one gathered Gram block,
+edges are computed two at a time, and infeasible candidates are pushed below
+every value by arithmetic rather than by masks and selects.
+
+Inputs: ``cross`` ``(2R, 2C)``, the inner products of the pairs' ends
+``[x1 of each first pair; x2 of each]`` against ``[x3 of each second pair; x4
+of each]``, and per pair the inner products of its own ends.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .gram import constant
+
+
+def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per arc with ends x1, x2 (``c = x1.x2``): ``(-c, s, 1/s)`` with ``s`` the
+    sine of its angle, for the orthonormal basis (x1, e2), e2 = (x2 - c x1) / s
+    of its plane. A flat arc (coincident or antipodal ends) has no plane: its
+    ``s`` and ``1/s`` are 0, which makes every candidate needing the plane fail
+    the strict feasibility tests below, leaving its endpoints."""
+    det = 1 - c * c
+    flat = det <= 1e3 * torch.finfo(det.dtype).eps
+    s = det.clamp_min(0).sqrt().masked_fill(flat, 0)
+    return -c, s, s.masked_fill(flat, float("inf")).reciprocal()
+
+
+def _edge_values(w1: Tensor, w2: Tensor, s: Tensor, neg_c: Tensor) -> Tensor:
+    """Best cosine of a fixed unit point y against an arc, given y's
+    coordinates (w1, w2) in the arc's orthonormal basis: |w| when the direction
+    of w lies strictly inside the arc (w2 > 0 and w1 s - w2 c > 0), else below
+    -1 (an end of the arc, a corner candidate, is then at least as good)."""
+    value = (w1 * w1).addcmul_(w2, w2).sqrt_()
+    inside = torch.minimum(w2, (w1 * s).addcmul_(w2, neg_c)).sign_()  # 1 strictly inside
+    return value.add_(inside.sub_(1), alpha=2)
+
+
+def _interior(m11: Tensor, m12: Tensor, m21: Tensor, m22: Tensor, s_q: Tensor, nc_q: Tensor, s_r: Tensor,
+              nc_r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The interior candidate of two arcs from the 2 x 2 cross matrix
+    M = [[m11, m12], [m21, m22]] of their planes' orthonormal bases: its top
+    singular value where both singular vectors lie strictly inside their arcs
+    (with one common sign), else a value below -1; and the (unnormalised)
+    singular vectors u = M v, v in those bases."""
+    s11 = (m11 * m11).addcmul_(m21, m21)  # M^T M = [[s11, s12], [s12, s22]]
+    s22 = (m12 * m12).addcmul_(m22, m22)
+    s12 = (m11 * m12).addcmul_(m21, m22)
+    half = (s11 - s22).mul_(0.5)
+    root = (half * half).addcmul_(s12, s12).sqrt_()
+    sigma = (s22 + root).add_(half).sqrt_()
+    # Top eigenvector of M^T M as the sum of its two textbook forms, signed so
+    # that they add up: (+-(|s12| + lambda - s22), |s12| + lambda - s11).
+    abs12 = s12.abs()
+    v2 = (abs12 + root).sub_(half)
+    v1 = torch.copysign((abs12 + root).add_(half), s12)
+    u1 = (m11 * v1).addcmul_(m12, v2)  # u = M v, the partner direction
+    u2 = (m21 * v1).addcmul_(m22, v2)
+    # Inside both arcs (v2 >= 0 by construction): v2, u2 and the two "before
+    # the far end" tests all strictly positive; a zero v (M a multiple of a
+    # rotation) or a flat arc fails.
+    t_q = (u1 * s_q).addcmul_(u2, nc_q)
+    t_r = (v1 * s_r).addcmul_(v2, nc_r)
+    inside = torch.minimum(torch.minimum(u2, v2), torch.minimum(t_q, t_r)).sign_()
+    return sigma.add_(inside.sub_(1), alpha=2), u1, u2, v1, v2
+
+
+def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor) -> Tensor:
+    """``(R, C)``: the largest cosine between the shortest arc of each first
+    pair and that of each second pair (unit ends).
+
+    ``c_q`` ``(R,)`` and ``c_r`` ``(C,)``: each pair's x1.x2 (resp. x3.x4).
+    The optimum is a corner, an edge point (an end against the other arc) or
+    the interior stationary pair: the top singular pair of the 2 x 2 cross
+    matrix M of the two planes' orthonormal bases, when both singular vectors
+    lie inside their arcs (with one common sign). The other singular pair is a
+    saddle and never wins.
+    """
+    R, C = c_q.shape[0], c_r.shape[0]
+    nc_q, s_q, inv_q = (t.unsqueeze(1) for t in arc_planes(c_q))
+    nc_r, s_r, inv_r = arc_planes(c_r)
+    # Coordinates along e2 of the other pair's plane: every first-pair end
+    # against e2 of each second pair, and e2 of each first pair against every
+    # second-pair end.
+    y_r = torch.addcmul(cross[:, C:], cross[:, :C], nc_r).mul_(inv_r)  # (2R, C): x1|x2 . e2_r
+    y_q = torch.addcmul(cross[R:], cross[:R], nc_q).mul_(inv_q)  # (R, 2C): e2_q . x3|x4
+    # Edges: x1, x2 against the second arc, and x3, x4 against the first.
+    edges_r = _edge_values(cross[:, :C], y_r, s_r, nc_r)  # (2R, C)
+    edges_q = _edge_values(cross[:R], y_q, s_q, nc_q)  # (R, 2C)
+    # Interior: M in the bases (x1, e2_q), (x3, e2_r).
+    m22 = torch.addcmul(y_r[R:], y_r[:R], nc_q).mul_(inv_q)
+    interior = _interior(cross[:R, :C], y_r[:R], y_q[:, :C], m22, s_q, nc_q, s_r, nc_r)[0]
+    best = torch.maximum(cross[:, :C], cross[:, C:])  # (2R, C): per end of the first pair
+    torch.maximum(best, edges_r, out=best)
+    best = torch.maximum(best[:R], best[R:])
+    torch.maximum(best, torch.maximum(edges_q[:, :C], edges_q[:, C:]), out=best)
+    return torch.maximum(best, interior, out=best)
+
+
+#: Per candidate of :func:`arc_entry_optimum` (corners 13, 14, 23, 24; x1, x2
+#: against the second arc; x3, x4 against the first; interior): which of the
+#: first pair's directions (x1, x2, a projection of x3, of x4, interior) and
+#: of the second pair's (x3, x4, a projection of x1, of x2, interior) it uses.
+_FIRST_DIRECTION = (0, 0, 1, 1, 0, 1, 2, 3, 4)
+_SECOND_DIRECTION = (0, 1, 0, 1, 2, 3, 0, 1, 4)
+
+
+def arc_entry_optimum(c_q: Tensor, c_r: Tensor, cross: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The optimum of N arc couples, one each, with where it lies.
+
+    ``c_q``, ``c_r`` ``(N,)``: x1.x2 and x3.x4; ``cross`` ``(2, 2, N)``: x1|x2
+    against x3|x4. Returns the largest cosine ``(N,)`` and the weights
+    ``(2, N)`` of the optimal points p = a1 x1 + a2 x2 and q = b1 x3 + b2 x4,
+    scaled so that p and q are unit vectors: at those weights the partial
+    derivatives of the cosine are a_k b_l (cross terms), -cos a1 a2 and
+    -cos b1 b2 (Danskin).
+    """
+    nc_q, s_q, inv_q = arc_planes(c_q)
+    nc_r, s_r, inv_r = arc_planes(c_r)
+    y_r = torch.addcmul(cross[:, 1], cross[:, 0], nc_r).mul_(inv_r)  # (2, N): x1|x2 . e2_r
+    y_q = torch.addcmul(cross[1], cross[0], nc_q).mul_(inv_q)  # (2, N): e2_q . x3|x4
+    m22 = torch.addcmul(y_r[1], y_r[0], nc_q).mul_(inv_q)
+    interior, u1, u2, v1, v2 = _interior(cross[0, 0], y_r[0], y_q[0], m22, s_q, nc_q, s_r, nc_r)
+    values = torch.cat((cross.reshape(4, -1), _edge_values(cross[:, 0], y_r, s_r, nc_r),
+                        _edge_values(cross[0], y_q, s_q, nc_q), interior.unsqueeze(0)))
+    cos, which = values.max(0)
+    # The computed directions (projections of the other pair's ends,
+    # interior) in each plane's orthonormal basis, unnormalised.
+    first = torch.stack((cross[0, 0], y_q[0], cross[0, 1], y_q[1], u1, u2)).view(3, 2, -1)
+    second = torch.stack((cross[0, 0], y_r[0], cross[1, 0], y_r[1], v1, v2)).view(3, 2, -1)
+    return (cos, _conic(first, which, _FIRST_DIRECTION, c_q, nc_q, inv_q),
+            _conic(second, which, _SECOND_DIRECTION, c_r, nc_r, inv_r))
+
+
+def _conic(computed: Tensor, which: Tensor, table: tuple, c: Tensor, neg_c: Tensor, inv_s: Tensor) -> Tensor:
+    """``(2, N)``: the weights of the chosen point on the pair's ends x1, x2
+    (the ends themselves, or a computed direction (w1, w2) of the orthonormal
+    basis: w1 x1 + w2 e2 = (w1 - w2 c / s) x1 + (w2 / s) x2), scaled to a unit point."""
+    w2 = computed[:, 1] * inv_s
+    ends = torch.eye(2, dtype=c.dtype, device=c.device).unsqueeze(-1).expand(2, 2, c.shape[0])
+    options = torch.cat((ends, torch.stack((torch.addcmul(computed[:, 0], w2, neg_c), w2), 1)))  # (5, 2, N)
+    pick = constant(table, torch.long, which.device).take(which)
+    a = options.gather(0, pick.view(1, 1, -1).expand(1, 2, -1)).squeeze(0)
+    norm_sq = (a[0] * a[0]).addcmul_(a[1], a[1]).addcmul_(a[0] * a[1], c, value=2)
+    return a.mul_(norm_sq.rsqrt_())
+
+def dot_grid_values(cross: Tensor) -> Tensor:
+    """``(R, C)``: the largest dot product between the segments (a bilinear
+    form: one of the four corners)."""
+    R, C = cross.shape[0] // 2, cross.shape[1] // 2
+    best = torch.maximum(cross[:, :C], cross[:, C:])
+    return torch.maximum(best[:R], best[R:])
+
+
+def _point_segment(yy: Tensor, y0: Tensor, y1: Tensor, n0: Tensor, k: Tensor, length: Tensor, inv: Tensor) -> Tensor:
+    """Squared distance of points y to segments z0 -> z1, from y.y, y.z0, y.z1,
+    z0.z0, k = z0.z0 - z0.z1, |z1 - z0|^2 and its inverse (0 for a point)."""
+    along = (y1 - y0).add_(k)  # (y - z0).(z1 - z0)
+    t = (along * inv).clamp_(0, 1)
+    return (y0 * -2).add_(yy).add_(n0).addcmul_(t, torch.add(along, t * length, alpha=-0.5), value=-2)
+
+
+def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor) -> Tensor:
+    """``(R, C)``: the smallest squared distance between the segment of each
+    first pair and that of each second pair.
+
+    ``own_q`` ``(3, R)``: each first pair's x1.x1, x1.x2, x2.x2; ``own_r``
+    ``(3, C)``: x3.x3, x3.x4, x4.x4. The distance is a convex quadratic on the
+    unit square: its minimum is the interior stationary point when that lies
+    strictly inside, otherwise on an edge, i.e. an end of one segment against
+    the other segment (the corners are ends of edges).
+    """
+    R, C = own_q.shape[1], own_r.shape[1]
+    g11, g12, g22 = (t.unsqueeze(1) for t in own_q)
+    g33, g34, g44 = own_r
+    a, c = (g11 + g22).sub_(2 * g12), (g33 + g44).sub_(2 * g34)  # |x2 - x1|^2, |x4 - x3|^2
+    eps = torch.finfo(cross.dtype).eps
+    tiny_q, tiny_r = eps * ((g11 + g22).abs() + 1), eps * ((g33 + g44).abs() + 1)  # degeneracy is relative
+    inv_a = a.masked_fill(a <= tiny_q, float("inf")).reciprocal()  # 0 for a point
+    inv_c = c.masked_fill(c <= tiny_r, float("inf")).reciprocal()
+    # x1, x2 against the second segment, and x3, x4 against the first.
+    ends_r = _point_segment(torch.cat((g11, g22)), cross[:, :C], cross[:, C:], g33, g33 - g34, c, inv_c)
+    ends_q = _point_segment(torch.cat((g33, g44)), cross[:R], cross[R:], g11, g11 - g12, a, inv_a)
+    best = torch.minimum(ends_r[:R], ends_r[R:])
+    torch.minimum(best, torch.minimum(ends_q[:, :C], ends_q[:, C:]), out=best)
+    # Interior: with u = x2 - x1, v = x4 - x3, w = x1 - x3, |w + s u - t v|^2 is
+    # stationary at (s, t) below, where it equals |w|^2 + (u.w) s - (v.w) t.
+    g13, g14, g23, g24 = cross[:R, :C], cross[:R, C:], cross[R:, :C], cross[R:, C:]
+    b = (g24 - g23).sub_(g14).add_(g13)  # u.v
+    d = (g13 - g23).add_(g12 - g11)  # u.w
+    e = (g14 - g13).add_(g33 - g34)  # v.w
+    ac = a * c
+    det = ac - b * b
+    well_posed = det > 64 * eps * ac + tiny_q * tiny_r
+    det = torch.where(well_posed, det, torch.ones_like(det))
+    s = (b * e).sub_(c * d).div_(det)
+    t = (a * e).sub_(b * d).div_(det)
+    inside = well_posed & (torch.minimum(s, t) > 0) & (torch.maximum(s, t) < 1)
+    interior = (g11 + g33 - 2 * g13).addcmul_(d, s).addcmul_(e, t, value=-1)
+    return torch.minimum(best, interior.masked_fill_(~inside, float("inf")), out=best)
