@@ -21,7 +21,7 @@ of one block, plus ``O(n_q * n_r)`` for the entries; see
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -168,15 +168,16 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
 
 
 # -- pass 1: search ----------------------------------------------------------------
-def _block_values(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geometry) -> Tensor:
+def _block_values(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geometry, symmetric: bool = False) -> Tensor:
     """``(R, C)``: the optimum of R query pairs against C reference pairs as a
     score, larger is better (the cosine, the dot product, or minus the squared
-    distance: see :func:`measure_of_score`)."""
+    distance: see :func:`measure_of_score`). ``symmetric``: the two lists of
+    pairs are one, within one set."""
     rows = torch.cat((ends_q[:, 0], ends_q[:, 1]))
     cols = torch.cat((ends_r[:, 0], ends_r[:, 1]))
     cross = g.qr.index_select(0, rows).index_select(1, cols)  # (2R, 2C): one gather for all
     if geometry == "arc":
-        return arc_grid_values(cross, _pair_gram(g.qq, ends_q), _pair_gram(g.rr, ends_r))
+        return arc_grid_values(cross, _pair_gram(g.qq, ends_q), _pair_gram(g.rr, ends_r), symmetric)
     if geometry == "dot":
         return dot_grid_values(cross)
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
@@ -245,7 +246,7 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     n_q, n_r = table_q.owned.shape[0], table_r.owned.shape[0]
     block_values = maybe_compiled(_block_values, compile)
     if plan.rows[0].samples is None and plan.cols[0].samples is None:  # one block: no merging
-        scores = block_values(g, table_q.ends, table_r.ends, geometry)
+        scores = block_values(g, table_q.ends, table_r.ends, geometry, table_q is table_r and g.same_set)
         best, p, q = _reduce_block(scores, plan.rows[0], plan.cols[0])
         return Winners(p.int(), q.int(), measure_of_score(best, geometry))
     # Entries no block reaches (one class on both sides) keep the corner (i, j),
@@ -267,7 +268,8 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
         for c, col in enumerate(plan.cols):
             if (plan.symmetric and c < r) or (row.label is not None and row.label == col.label):
                 continue  # the mirror of a searched block, or one class on both sides
-            scores = block_values(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry)
+            scores = block_values(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry,
+                                  plan.symmetric and c == r)
             merge(row, col, scores)
             if plan.symmetric and c > r:
                 merge(col, row, scores.T)  # LoOp is symmetric in the two pairs
@@ -371,49 +373,63 @@ def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, 
     d.qr.view(-1).index_add_(0, cross.view(-1), parts[2:].reshape(-1))
 
 
+def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: Winners, geometry: Geometry,
+                  chunk_elements: int, compile: bool, grad_out: Tensor) -> GramBlocks:
+    """The gradient of the winners' measures ``(n_q, n_r)`` to the Gram blocks:
+    for each entry its winning combination's optimal weights are found again
+    (a handful of entries' worth of work, not the search) and the measure's
+    partial derivatives at those fixed weights are added, chunk by chunk, for
+    the entries that receive a gradient. For one set (``same_set``, one
+    symmetric matrix) only the upper triangle is visited and the whole
+    gradient is in the ``qr`` field."""
+    if same_set:
+        g = GramBlocks(qq, qq, qq)
+        zero = torch.zeros_like(qr)
+        d = GramBlocks(zero, zero, zero)
+    else:
+        g = GramBlocks(qq, rr, qr)
+        d = GramBlocks(torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr))
+    n_q, n_r = qr.shape
+    grad_flat = grad_out.reshape(-1)
+    partials = maybe_compiled(_entry_partials, compile)
+    # Hinge losses leave many entries without gradient: on the CPU, skip
+    # them (finding them is a host sync, which a GPU would pay for).
+    sparse = qr.device.type == "cpu"
+    for a, b in _entry_chunks(n_q, n_r, same_set, chunk_elements):
+        i, j = _entries(a, b, n_q, n_r, same_set, qr.device)
+        at = i * n_r + j
+        grad = grad_flat.take(at)
+        if same_set:  # the value stands at (i, j) and (j, i)
+            grad = grad + grad_flat.take(j * n_r + i)
+        if sparse:
+            keep = grad.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                continue
+            if keep.numel() < 0.9 * grad.numel():
+                i, j, at, grad = i[keep], j[keep], at[keep], grad[keep]
+        p, q = winners.partner_q.reshape(-1).take(at).long(), winners.partner_r.reshape(-1).take(at).long()
+        if geometry == "arc":
+            _arc_entries(g, d, i, j, p, q, grad, compile)
+        else:
+            _add_partials(d, i, j, p, q, partials(_entry_quad_gram(g, i, j, p, q), grad, geometry))
+    return d
+
+
 class _AtWinners(torch.autograd.Function):
-    """The winners' measures, with the gradient of the optimum: for each entry
-    its winning combination's optimal weights are found again (a handful of
-    entries' worth of work, not the search) and the measure's partial
-    derivatives at those fixed weights are added to the Gram blocks, chunk by
-    chunk. Only the winners are kept for the backward pass. For one set the
-    matrix is symmetric: only the upper triangle is differentiated."""
+    """The winners' measures, with the gradient of the optimum (see
+    :func:`_winners_grad`). Only the winners are kept for the backward pass."""
 
     @staticmethod
     def forward(ctx, qq, rr, qr, winners, geometry, chunk_elements, compile):
         ctx.same_set = qq is rr and rr is qr
-        ctx.winners, ctx.geometry, ctx.chunk_elements, ctx.compile = winners, geometry, chunk_elements, compile
+        ctx.settings = (winners, geometry, chunk_elements, compile)
         ctx.save_for_backward(qq, rr, qr)
         return winners.value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        qq, rr, qr = ctx.saved_tensors
-        upper = ctx.same_set
-        if upper:
-            g = GramBlocks(qq, qq, qq)
-            zero = torch.zeros_like(qr)
-            d = GramBlocks(zero, zero, zero)
-        else:
-            g = GramBlocks(qq, rr, qr)
-            d = GramBlocks(torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr))
-        n_q, n_r = qr.shape
-        grad_flat = grad_out.reshape(-1)
-        partials = maybe_compiled(_entry_partials, ctx.compile)
-        arc = ctx.geometry == "arc"
-        w = ctx.winners
-        for a, b in _entry_chunks(n_q, n_r, upper, ctx.chunk_elements):
-            i, j = _entries(a, b, n_q, n_r, upper, qr.device)
-            at = i * n_r + j
-            p, q = w.partner_q.reshape(-1).take(at).long(), w.partner_r.reshape(-1).take(at).long()
-            grad = grad_flat.take(at)
-            if upper:  # the value stands at (i, j) and (j, i)
-                grad = grad + grad_flat.take(j * n_r + i)
-            if arc:
-                _arc_entries(g, d, i, j, p, q, grad, ctx.compile)
-            else:
-                _add_partials(d, i, j, p, q, partials(_entry_quad_gram(g, i, j, p, q), grad, ctx.geometry))
-        if upper:  # one matrix passed three times: give it the whole gradient once
+        d = _winners_grad(*ctx.saved_tensors, ctx.same_set, *ctx.settings, grad_out)
+        if ctx.same_set:  # one matrix passed three times: give it the whole gradient once
             return None, None, d.qr, None, None, None, None
         return d.qq, d.rr, d.qr, None, None, None, None
 
@@ -423,3 +439,57 @@ def measure_winners(g: GramBlocks, winners: Winners, geometry: Geometry,
     """``(n_q, n_r)`` measure (squared distance, cosine or dot product) of each
     entry's winner, with the gradient of the optimum to the Gram blocks."""
     return _AtWinners.apply(g.qq, g.rr, g.qr, winners, geometry, chunk_elements, compile)
+
+
+#: How a measure becomes the base distance's units: the Euclidean distance
+#: from a squared one, the chord from a cosine, or the measure itself.
+Units = Literal["sqrt", "chord", "same"]
+
+
+def _in_units(measure: Tensor, units: Units) -> tuple[Tensor, Tensor]:
+    """The measure in base units and the derivative of that with respect to
+    the measure, with the clamps of :func:`~pml_loop.functional.safe_sqrt`
+    (0 where clamped)."""
+    if units == "same":
+        return measure, torch.ones_like(measure)
+    arg = measure if units == "sqrt" else (2 - 2 * measure).clamp_min_(0)
+    floor = torch.finfo(arg.dtype).tiny ** 0.5
+    value = arg.clamp_min(floor).sqrt_()
+    slope = torch.gt(arg, floor, out=torch.empty_like(arg)).div_(value)
+    return value, slope.mul_(0.5 if units == "sqrt" else -1)
+
+
+class _LoOpEntries(torch.autograd.Function):
+    """The finished LoOp matrix: the negative entries (``neg``) hold the
+    winners' measures in the base distance's units, never farther than the
+    base value (never less similar), the others the base value. One autograd
+    node for what would be half a dozen elementwise ones."""
+
+    @staticmethod
+    def forward(ctx, base, qq, rr, qr, neg, winners, units, inverted, geometry, chunk_elements, compile):
+        loop, slope = _in_units(winners.value, units)
+        # The optimum includes the endpoints; clamping to the base value makes
+        # "never farther than the plain distance" exact despite rounding.
+        loop = torch.maximum(loop, base) if inverted else torch.minimum(loop, base)
+        ctx.same_set = qq is rr and rr is qr
+        ctx.settings = (winners, geometry, chunk_elements, compile)
+        ctx.save_for_backward(qq, rr, qr, neg, slope)
+        return torch.where(neg, loop, base)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qq, rr, qr, neg, slope = ctx.saved_tensors
+        grad_measure = torch.where(neg, grad_out * slope, 0)
+        d = _winners_grad(qq, rr, qr, ctx.same_set, *ctx.settings, grad_measure)
+        grad_base = grad_out.masked_fill(neg, 0)
+        if ctx.same_set:
+            return grad_base, None, None, d.qr, None, None, None, None, None, None, None
+        return grad_base, d.qq, d.rr, d.qr, None, None, None, None, None, None, None
+
+
+def loop_entries(base: Tensor, g: GramBlocks, neg: Tensor, winners: Winners, units: Units, inverted: bool,
+                 geometry: Geometry, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False) -> Tensor:
+    """``(n_q, n_r)``: ``base`` with its negative entries (``neg``) replaced by
+    the winners' measures in base units (``units``; ``inverted``: the base is
+    a similarity), with the gradient of the optimum to the Gram blocks."""
+    return _LoOpEntries.apply(base, g.qq, g.rr, g.qr, neg, winners, units, inverted, geometry, chunk_elements, compile)

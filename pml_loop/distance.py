@@ -26,12 +26,13 @@ from .batch_loop import (
     GramBlocks,
     SearchPlan,
     Winners,
+    Units,
     gram_blocks,
-    measure_winners,
+    loop_entries,
     search_plan,
     search_winners,
 )
-from .functional import Geometry, safe_sqrt
+from .functional import Geometry
 from .pairs import PARTNERS, Partners, PairTable, partition_key, positive_pair_table
 
 NonFinite = Literal["warn", "raise", "ignore"]
@@ -320,13 +321,10 @@ class LoOpDistance(BaseDistance):
             s = _Search(keys, st, search_winners(g, st.table_q, st.table_r, self.geometry, st.plan, self.compile))
             if self._share_depth > 0:
                 self._shared = s
-        measure = measure_winners(g, s.winners, self.geometry, self._chunk(qn.device), self.compile)
-        loop = self._to_base_units(measure)
-        # The optimum includes the endpoints; min/max with the base value makes
-        # "never farther than the plain distance" exact despite rounding.
-        loop = torch.maximum(loop, base) if self.is_inverted else torch.minimum(loop, base)
-        self._record(base, loop, neg)
-        return torch.where(neg, loop, base)
+        mat = loop_entries(base, g, neg, s.winners, self._units(), self.is_inverted, self.geometry,
+                           self._chunk(qn.device), self.compile)
+        self._record(base, mat, neg)
+        return mat
 
     def _cross_gram(self, base: Tensor) -> Tensor | None:
         """The cross Gram block read off the base matrix when it holds it, so
@@ -405,12 +403,12 @@ class LoOpDistance(BaseDistance):
         full = self._loop_mat(both, both, labels, labels, True, keys=(qn, rn))
         return full[:m, m:]
 
-    def _to_base_units(self, measure: Tensor) -> Tensor:
+    def _units(self) -> Units:
         if self.geometry == "segment":
-            return safe_sqrt(measure)
+            return "sqrt"
         if self.geometry == "arc" and not self.is_inverted:
-            return safe_sqrt((2 - 2 * measure).clamp_min(0))  # chord
-        return measure  # cosine or dot product: already a similarity
+            return "chord"
+        return "same"  # cosine or dot product: already a similarity
 
     def _record(self, base: Tensor, loop: Tensor, neg: Tensor) -> None:
         self._last = (base.detach(), loop.detach(), neg)

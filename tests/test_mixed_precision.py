@@ -132,18 +132,18 @@ def test_geometry_runs_in_float32_under_autocast(monkeypatch):
     import pml_loop.distance as distance_module
 
     seen = []
-    real_search, real_measure = distance_module.search_winners, distance_module.measure_winners
+    real_search, real_measure = distance_module.search_winners, distance_module.loop_entries
 
     def search(g, *args, **kwargs):
         seen.append(("search", g.qr.dtype, torch.is_autocast_enabled("cpu")))
         return real_search(g, *args, **kwargs)
 
-    def measure(g, *args, **kwargs):
+    def measure(base, g, *args, **kwargs):
         seen.append(("measure", g.qr.dtype, torch.is_autocast_enabled("cpu")))
-        return real_measure(g, *args, **kwargs)
+        return real_measure(base, g, *args, **kwargs)
 
     monkeypatch.setattr(distance_module, "search_winners", search)
-    monkeypatch.setattr(distance_module, "measure_winners", measure)
+    monkeypatch.setattr(distance_module, "loop_entries", measure)
     emb, labels = _batch("cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         LoOpLoss(losses.MultiSimilarityLoss())(emb.bfloat16(), labels)

@@ -27,10 +27,10 @@ def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     of its plane. A flat arc (coincident or antipodal ends) has no plane: its
     ``s`` and ``1/s`` are 0, which makes every candidate needing the plane fail
     the strict feasibility tests below, leaving its endpoints."""
-    det = 1 - c * c
-    flat = det <= 1e3 * torch.finfo(det.dtype).eps
-    s = det.clamp_min(0).sqrt().masked_fill(flat, 0)
-    return -c, s, s.masked_fill(flat, float("inf")).reciprocal()
+    det = (c * c).neg_().add_(1)
+    has_plane = torch.gt(det, 1e3 * torch.finfo(det.dtype).eps, out=torch.empty_like(det))  # 1.0 or 0.0
+    det = det.clamp_min_(torch.finfo(det.dtype).tiny)
+    return -c, det.sqrt().mul_(has_plane), det.rsqrt_().mul_(has_plane)
 
 
 def _edge_values(w1: Tensor, w2: Tensor, s: Tensor, neg_c: Tensor) -> Tensor:
@@ -72,11 +72,13 @@ def _interior(m11: Tensor, m12: Tensor, m21: Tensor, m22: Tensor, s_q: Tensor, n
     return sigma.add_(inside.sub_(1), alpha=2), u1, u2, v1, v2
 
 
-def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor) -> Tensor:
+def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = False) -> Tensor:
     """``(R, C)``: the largest cosine between the shortest arc of each first
     pair and that of each second pair (unit ends).
 
     ``c_q`` ``(R,)`` and ``c_r`` ``(C,)``: each pair's x1.x2 (resp. x3.x4).
+    ``symmetric``: the two sets of pairs are one (``cross`` symmetric), so the
+    second set's half of the work is the transpose of the first's.
     The optimum is a corner, an edge point (an end against the other arc) or
     the interior stationary pair: the top singular pair of the 2 x 2 cross
     matrix M of the two planes' orthonormal bases, when both singular vectors
@@ -84,32 +86,39 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor) -> Tensor:
     saddle and never wins.
     """
     R, C = c_q.shape[0], c_r.shape[0]
-    nc_q, s_q, inv_q = (t.unsqueeze(1) for t in arc_planes(c_q))
     nc_r, s_r, inv_r = arc_planes(c_r)
-    # Coordinates along e2 of the other pair's plane: every first-pair end
-    # against e2 of each second pair, and e2 of each first pair against every
-    # second-pair end.
+    if symmetric:
+        nc_q, s_q, inv_q = nc_r.unsqueeze(1), s_r.unsqueeze(1), inv_r.unsqueeze(1)
+    else:
+        nc_q, s_q, inv_q = (t.unsqueeze(1) for t in arc_planes(c_q))
+    # Every first-pair end against e2 of each second pair's plane (and, below,
+    # e2 of each first pair against every second-pair end).
     y_r = torch.addcmul(cross[:, C:], cross[:, :C], nc_r).mul_(inv_r)  # (2R, C): x1|x2 . e2_r
-    y_q = torch.addcmul(cross[R:], cross[:R], nc_q).mul_(inv_q)  # (R, 2C): e2_q . x3|x4
-    # Edges: x1, x2 against the second arc, and x3, x4 against the first.
-    edges_r = _edge_values(cross[:, :C], y_r, s_r, nc_r)  # (2R, C)
-    edges_q = _edge_values(cross[:R], y_q, s_q, nc_q)  # (R, 2C)
+    # Corners, and the edges of x1, x2 against the second arc, per first end.
+    best = torch.maximum(cross[:, :C], cross[:, C:])
+    torch.maximum(best, _edge_values(cross[:, :C], y_r, s_r, nc_r), out=best)
+    best = torch.maximum(best[:R], best[R:])
+    if symmetric:  # x3, x4 against the first arc: the transpose
+        m21 = y_r[:R].T
+        best = torch.maximum(best, best.T)
+    else:
+        y_q = torch.addcmul(cross[R:], cross[:R], nc_q).mul_(inv_q)  # (R, 2C): e2_q . x3|x4
+        m21 = y_q[:, :C]
+        edges_q = _edge_values(cross[:R], y_q, s_q, nc_q)
+        torch.maximum(best, torch.maximum(edges_q[:, :C], edges_q[:, C:]), out=best)
     # Interior: M in the bases (x1, e2_q), (x3, e2_r).
     m22 = torch.addcmul(y_r[R:], y_r[:R], nc_q).mul_(inv_q)
-    interior = _interior(cross[:R, :C], y_r[:R], y_q[:, :C], m22, s_q, nc_q, s_r, nc_r)[0]
-    best = torch.maximum(cross[:, :C], cross[:, C:])  # (2R, C): per end of the first pair
-    torch.maximum(best, edges_r, out=best)
-    best = torch.maximum(best[:R], best[R:])
-    torch.maximum(best, torch.maximum(edges_q[:, :C], edges_q[:, C:]), out=best)
+    interior = _interior(cross[:R, :C], y_r[:R], m21, m22, s_q, nc_q, s_r, nc_r)[0]
     return torch.maximum(best, interior, out=best)
 
 
 #: Per candidate of :func:`arc_entry_optimum` (corners 13, 14, 23, 24; x1, x2
-#: against the second arc; x3, x4 against the first; interior): which of the
-#: first pair's directions (x1, x2, a projection of x3, of x4, interior) and
-#: of the second pair's (x3, x4, a projection of x1, of x2, interior) it uses.
-_FIRST_DIRECTION = (0, 0, 1, 1, 0, 1, 2, 3, 4)
-_SECOND_DIRECTION = (0, 1, 0, 1, 2, 3, 0, 1, 4)
+#: against the second arc; x3, x4 against the first; interior): which point
+#: of the second pair's (x3, x4, a projection of x1, of x2, interior) and of
+#: the first pair's (x1, x2, a projection of x3, of x4, interior) it uses.
+_DIRECTIONS = ((0, 1, 0, 1, 2, 3, 0, 1, 4), (0, 0, 1, 1, 0, 1, 2, 3, 4))
+#: The same as rows of the first weight in the ``(2, 5, 2)`` options of :func:`_conic`.
+_OPTION_ROWS = tuple(tuple(2 * (o + 5 * p) for o in row) for p, row in enumerate(_DIRECTIONS))
 
 
 def arc_entry_optimum(c_q: Tensor, c_r: Tensor, cross: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,35 +130,47 @@ def arc_entry_optimum(c_q: Tensor, c_r: Tensor, cross: Tensor) -> tuple[Tensor, 
     scaled so that p and q are unit vectors: at those weights the partial
     derivatives of the cosine are a_k b_l (cross terms), -cos a1 a2 and
     -cos b1 b2 (Danskin).
+
+    The two arcs' work is stacked (dim 0: the second arc, then the first).
     """
-    nc_q, s_q, inv_q = arc_planes(c_q)
-    nc_r, s_r, inv_r = arc_planes(c_r)
-    y_r = torch.addcmul(cross[:, 1], cross[:, 0], nc_r).mul_(inv_r)  # (2, N): x1|x2 . e2_r
-    y_q = torch.addcmul(cross[1], cross[0], nc_q).mul_(inv_q)  # (2, N): e2_q . x3|x4
-    m22 = torch.addcmul(y_r[1], y_r[0], nc_q).mul_(inv_q)
-    interior, u1, u2, v1, v2 = _interior(cross[0, 0], y_r[0], y_q[0], m22, s_q, nc_q, s_r, nc_r)
-    values = torch.cat((cross.reshape(4, -1), _edge_values(cross[:, 0], y_r, s_r, nc_r),
-                        _edge_values(cross[0], y_q, s_q, nc_q), interior.unsqueeze(0)))
-    cos, which = values.max(0)
-    # The computed directions (projections of the other pair's ends,
-    # interior) in each plane's orthonormal basis, unnormalised.
-    first = torch.stack((cross[0, 0], y_q[0], cross[0, 1], y_q[1], u1, u2)).view(3, 2, -1)
-    second = torch.stack((cross[0, 0], y_r[0], cross[1, 0], y_r[1], v1, v2)).view(3, 2, -1)
-    return (cos, _conic(first, which, _FIRST_DIRECTION, c_q, nc_q, inv_q),
-            _conic(second, which, _SECOND_DIRECTION, c_r, nc_r, inv_r))
+    c = torch.stack((c_r, c_q))
+    neg_c, s, inv_s = (t.unsqueeze(1) for t in arc_planes(c))  # (2, 1, N)
+    # Ends of the other pair in each plane's basis: x1, x2 against (x3, e2_r);
+    # x3, x4 against (x1, e2_q).
+    w1 = torch.stack((cross[:, 0], cross[0]))
+    w2 = torch.addcmul(torch.stack((cross[:, 1], cross[1])), w1, neg_c).mul_(inv_s)  # (2, 2, N)
+    edges = _edge_values(w1, w2, s, neg_c)
+    m22 = torch.addcmul(w2[0, 1], w2[0, 0], neg_c[1, 0]).mul_(inv_s[1, 0])
+    interior, u1, u2, v1, v2 = _interior(cross[0, 0], w2[0, 0], w2[1, 0], m22, s[1, 0], neg_c[1, 0],
+                                         s[0, 0], neg_c[0, 0])
+    cos, which = torch.cat((cross.reshape(4, -1), edges.reshape(4, -1), interior.unsqueeze(0))).max(0)
+    # The computed directions of each plane (unnormalised, orthonormal basis):
+    # the projections of the other pair's two ends, and the interior one.
+    computed = torch.stack((w1[0, 0], w2[0, 0], w1[0, 1], w2[0, 1], v1, v2,
+                            w1[1, 0], w2[1, 0], w1[1, 1], w2[1, 1], u1, u2)).view(2, 3, 2, -1)
+    b, a = _conic(computed, which, c, neg_c.squeeze(1), inv_s.squeeze(1))
+    return cos, a, b
 
 
-def _conic(computed: Tensor, which: Tensor, table: tuple, c: Tensor, neg_c: Tensor, inv_s: Tensor) -> Tensor:
-    """``(2, N)``: the weights of the chosen point on the pair's ends x1, x2
-    (the ends themselves, or a computed direction (w1, w2) of the orthonormal
-    basis: w1 x1 + w2 e2 = (w1 - w2 c / s) x1 + (w2 / s) x2), scaled to a unit point."""
-    w2 = computed[:, 1] * inv_s
-    ends = torch.eye(2, dtype=c.dtype, device=c.device).unsqueeze(-1).expand(2, 2, c.shape[0])
-    options = torch.cat((ends, torch.stack((torch.addcmul(computed[:, 0], w2, neg_c), w2), 1)))  # (5, 2, N)
-    pick = constant(table, torch.long, which.device).take(which)
-    a = options.gather(0, pick.view(1, 1, -1).expand(1, 2, -1)).squeeze(0)
-    norm_sq = (a[0] * a[0]).addcmul_(a[1], a[1]).addcmul_(a[0] * a[1], c, value=2)
-    return a.mul_(norm_sq.rsqrt_())
+def _conic(computed: Tensor, which: Tensor, c: Tensor, neg_c: Tensor, inv_s: Tensor) -> Tensor:
+    """``(2, 2, N)``: per pair (dim 0), the weights of its chosen point on its
+    ends x1, x2, scaled to a unit point: an end itself, or a computed
+    direction (w1, w2) of the orthonormal basis, w1 x1 + w2 e2 = (w1 - w2 c / s) x1
+    + (w2 / s) x2. ``computed``: ``(2, 3, 2, N)``; ``c``, ``neg_c``, ``inv_s``: ``(2, N)``."""
+    n = which.shape[0]
+    w2 = computed[:, :, 1] * inv_s.unsqueeze(1)
+    options = torch.empty(2, 5, 2, n, dtype=c.dtype, device=c.device)  # x1, x2, then the computed ones
+    options[:, :2] = torch.eye(2, dtype=c.dtype, device=c.device).view(1, 2, 2, 1)
+    torch.addcmul(computed[:, :, 0], w2, neg_c.unsqueeze(1), out=options[:, 2:, 0])
+    options[:, 2:, 1] = w2
+    # Row of each entry's chosen weights in options viewed as (20, N): one take.
+    rows = constant(_OPTION_ROWS, torch.long, which.device).take(which + constant(((0,), (9,)), torch.long, which.device))
+    at = (rows.unsqueeze(1) + constant(((0,), (1,)), torch.long, which.device)).mul_(n).add_(
+        torch.arange(n, device=which.device))
+    a = options.take(at)
+    norm_sq = (a[:, 0] * a[:, 0]).addcmul_(a[:, 1], a[:, 1]).addcmul_(a[:, 0] * a[:, 1], c, value=2)
+    return a.mul_(norm_sq.rsqrt_().unsqueeze(1))
+
 
 def dot_grid_values(cross: Tensor) -> Tensor:
     """``(R, C)``: the largest dot product between the segments (a bilinear
