@@ -199,7 +199,7 @@ def profile_table(quick: bool) -> None:
     emb, labels = batch(32, 4)
     loss = LoOpLoss(losses.MultiSimilarityLoss())
     originals = {}
-    for fn in ("search_winners", "measure_winners"):
+    for fn in ("search_winners", "loop_entries"):
         originals[fn] = getattr(bl, fn)
     import pml_loop.distance as dist_mod
 
@@ -210,12 +210,12 @@ def profile_table(quick: bool) -> None:
         return call
 
     dist_mod.search_winners = labelled("loop: search", originals["search_winners"])
-    dist_mod.measure_winners = labelled("loop: measure forward", originals["measure_winners"])
+    dist_mod.loop_entries = labelled("loop: entries", originals["loop_entries"])
     step(loss, emb, labels)()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5 if quick else 20):
             step(loss, emb, labels)()
-    dist_mod.search_winners, dist_mod.measure_winners = originals["search_winners"], originals["measure_winners"]
+    dist_mod.search_winners, dist_mod.loop_entries = originals["search_winners"], originals["loop_entries"]
     print("\n## profile: LoOpLoss(MultiSimilarityLoss), B = 128, d = 512 (CPU time per call)")
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14))
 

@@ -3,17 +3,20 @@
 Entry (i, j) is the optimum over the pairs owned by i (query side) and by j
 (reference side). Two passes, each bounded in memory by ``chunk_elements``:
 
-1. **Search** (no gradient): the closed-form optimum of every combination of a
-   query pair and a reference pair of *different* classes, block by block
-   (blocks follow the classes, so same-class combinations, which cannot give a
-   negative entry, are not computed), reduced at once to the best combination
-   of each entry (:class:`Winners`).
-2. **Measure**: for each entry's winning combination, the optimal weights
-   again and the measure (squared distance, cosine or dot product) at those
-   fixed weights, with gradient (Danskin). An autograd function keeps only
-   the winners for the backward pass (and, with a single chunk, its inner
-   products and weights), not the temporaries; for one set it measures only
-   the upper triangle.
+1. **Search** (no gradient): the closed-form optimum *value* of every
+   combination of a query pair and a reference pair of *different* classes,
+   block by block (blocks follow the classes, so same-class combinations,
+   which cannot give a negative entry, are not computed), reduced at once to
+   the best value of each entry and the combination that gives it
+   (:class:`Winners`). Which candidate wins and where is not tracked: that
+   would cost more passes over every combination than finding it again for
+   the winners alone.
+2. **Gradient** (backward only): for each entry that receives a gradient, its
+   winning combination's optimum is found again (which candidate, and the
+   optimal weights), and the partial derivatives of the measure at those
+   fixed weights are scattered to the Gram blocks (Danskin). An autograd
+   function keeps only the winners; for one set only the upper triangle is
+   visited.
 
 Peak extra memory: about ``40 * chunk_elements`` values for the temporaries
 of one block, plus ``O(n_q * n_r)`` for the entries; see
@@ -21,6 +24,7 @@ of one block, plus ``O(n_q * n_r)`` for the entries; see
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import torch
@@ -33,16 +37,16 @@ from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values
 from .functional.loop import measure_partials
 from .pairs import PairTable
 
-#: Pair combinations searched at once (one block). The arc search keeps about
-#: 40 temporaries of that size, so 2**18 combinations stay near 40 MB in float32.
+#: Pair combinations searched at once (one block). The search keeps at most
+#: about 40 temporaries of that size, so 2**18 combinations stay near 40 MB in float32.
 DEFAULT_CHUNK_ELEMENTS = 2**18
 #: On a GPU each operation is a kernel launch: fewer, larger blocks (about 2.7 GB).
 DEFAULT_GPU_CHUNK_ELEMENTS = 2**24
 
-#: Live temporaries of the search and measure passes per element of a block:
-#: the 9 candidates of a block and their inputs. Measured about 20 (peak
-#: resident memory of ``search_winners``, B = 1024, blocks of 2**18 and 2**20
-#: combinations: 25 MB and 81 MB); 40 leaves headroom.
+#: Live temporaries of the search and gradient passes per element of a block
+#: or chunk: the gathered Gram block (4), the coordinates in the other
+#: pair's plane (2), the edge and interior candidates and their inputs (about
+#: 15); 40 leaves headroom (checked by ``benchmarks/bench_loop.py --only memory``).
 _TEMPORARIES_PER_ELEMENT = 40
 
 
@@ -50,9 +54,9 @@ def memory_bound_bytes(n_q: int, n_r: int, chunk_elements: int, itemsize: int = 
     """Documented bound on the extra memory of one LoOp matrix (search + measure).
 
     ``40 * chunk_elements`` values for the temporaries of one block or row
-    chunk, and per entry: the winners (two int32 partners, a uint8 candidate),
-    the Gram block, the negative mask, the measure and the few matrices that
-    turn it into the loss's units (with what autograd keeps of them).
+    chunk, and per entry: the winners (two int32 partners and the value), the
+    Gram block, the negative mask and the matrices that turn it into the
+    loss's units (with what autograd keeps of them).
     """
     return _TEMPORARIES_PER_ELEMENT * chunk_elements * itemsize + n_q * n_r * (9 + 1 + 8 * itemsize)
 
@@ -173,11 +177,14 @@ def _block_values(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geome
     score, larger is better (the cosine, the dot product, or minus the squared
     distance: see :func:`measure_of_score`). ``symmetric``: the two lists of
     pairs are one, within one set."""
-    rows = torch.cat((ends_q[:, 0], ends_q[:, 1]))
-    cols = torch.cat((ends_r[:, 0], ends_r[:, 1]))
+    rows = ends_q.T.reshape(-1)  # first ends, then second ends
+    cols = rows if symmetric else ends_r.T.reshape(-1)
     cross = g.qr.index_select(0, rows).index_select(1, cols)  # (2R, 2C): one gather for all
     if geometry == "arc":
-        return arc_grid_values(cross, _pair_gram(g.qq, ends_q), _pair_gram(g.rr, ends_r), symmetric)
+        if symmetric:  # each pair's own inner product is on a diagonal of the cross block
+            own = cross[:len(ends_q), len(ends_q):].diagonal()
+            return arc_grid_values(cross, own, own, True)
+        return arc_grid_values(cross, _pair_gram(g.qq, ends_q), _pair_gram(g.rr, ends_r))
     if geometry == "dot":
         return dot_grid_values(cross)
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
@@ -186,7 +193,10 @@ def _block_values(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geome
 
 
 def measure_of_score(score: Tensor, geometry: Geometry) -> Tensor:
-    """The measure (cosine, dot product or squared distance) of a search score."""
+    """The measure (cosine, dot product or squared distance) of a search score
+    (a cosine that rounding put above 1 is 1)."""
+    if geometry == "arc":
+        return score.clamp_max(1)
     return -score if geometry == "segment" else score
 
 
@@ -242,7 +252,7 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
                    plan: SearchPlan, compile: bool = False) -> Winners:
     """Best pair combination of every entry (i, j) of different classes (entries
     of one class get a valid but meaningless winner)."""
-    g = GramBlocks(*(x.detach() for x in g))
+    g = GramBlocks(*([g.qr.detach()] * 3 if g.same_set else (x.detach() for x in g)))
     n_q, n_r = table_q.owned.shape[0], table_r.owned.shape[0]
     block_values = maybe_compiled(_block_values, compile)
     if plan.rows[0].samples is None and plan.cols[0].samples is None:  # one block: no merging
@@ -289,6 +299,8 @@ def _samples(group: Group, n: int, device) -> Tensor:
 def _entry_chunks(n_q: int, n_r: int, upper: bool, chunk_elements: int) -> list[tuple[int, int]]:
     """Row bands ``[a, b)`` of at most ``chunk_elements`` entries (at least one row);
     with ``upper`` only the strict upper triangle (j > i) of each band counts."""
+    if (n_q * (n_r - 1) // 2 if upper else n_q * n_r) <= chunk_elements:
+        return [(0, n_q)]
     bands, a = [], 0
     while a < n_q:
         b, size = a, 0
@@ -305,10 +317,17 @@ def _entry_chunks(n_q: int, n_r: int, upper: bool, chunk_elements: int) -> list[
 def _entries(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor]:
     """Rows and columns of the entries of rows ``a:b``; with ``upper`` only j > i."""
     if upper:
-        i, j = torch.triu_indices(b - a, n_r - a, offset=1, device=device)
+        i, j = _triu_indices(b - a, n_r - a, device)
         return i + a, j + a
     k = torch.arange(a * n_r, b * n_r, device=device)
     return k // n_r, k % n_r
+
+
+@functools.lru_cache(maxsize=8)
+def _triu_indices(rows: int, cols: int, device) -> Tensor:
+    """``torch.triu_indices(rows, cols, 1)``, kept for the next batch of the
+    same size (at most ``chunk_elements`` entries each)."""
+    return torch.triu_indices(rows, cols, offset=1, device=device)
 
 
 def _entry_quad_gram(g: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor) -> QuadGram:
@@ -350,6 +369,9 @@ def _arc_partials(fields: Tensor, grad: Tensor) -> Tensor:
     the order of :func:`_add_arc_partials` (the squared norms are 1 and the
     cosine does not depend on them)."""
     cos, a, b = arc_entry_optimum(fields[0], fields[1], fields[2:].view(2, 2, -1))
+    # Rounding can put crossing arcs' cosine just above 1, where the search's
+    # value is clamped: no gradient there, as through a clamp.
+    grad = grad * torch.le(cos, 1, out=torch.empty_like(cos))
     own = torch.stack((a[0] * a[1], b[0] * b[1])).mul_(-cos)
     return torch.cat((own, (a.unsqueeze(1) * b.unsqueeze(0)).view(4, -1))).mul_(grad)
 
@@ -374,14 +396,16 @@ def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, 
 
 
 def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: Winners, geometry: Geometry,
-                  chunk_elements: int, compile: bool, grad_out: Tensor) -> GramBlocks:
+                  chunk_elements: int, compile: bool, grad_out: Tensor, sparse: bool | None = None) -> GramBlocks:
     """The gradient of the winners' measures ``(n_q, n_r)`` to the Gram blocks:
     for each entry its winning combination's optimal weights are found again
     (a handful of entries' worth of work, not the search) and the measure's
     partial derivatives at those fixed weights are added, chunk by chunk, for
     the entries that receive a gradient. For one set (``same_set``, one
     symmetric matrix) only the upper triangle is visited and the whole
-    gradient is in the ``qr`` field."""
+    gradient is in the ``qr`` field. ``sparse``: visit only the entries with a
+    non-zero gradient (hinge losses leave many without); finding them is a
+    host sync, so by default only on the CPU."""
     if same_set:
         g = GramBlocks(qq, qq, qq)
         zero = torch.zeros_like(qr)
@@ -390,17 +414,16 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
         g = GramBlocks(qq, rr, qr)
         d = GramBlocks(torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr))
     n_q, n_r = qr.shape
+    if same_set:  # the value stands at (i, j) and (j, i)
+        grad_out = grad_out + grad_out.T
     grad_flat = grad_out.reshape(-1)
     partials = maybe_compiled(_entry_partials, compile)
-    # Hinge losses leave many entries without gradient: on the CPU, skip
-    # them (finding them is a host sync, which a GPU would pay for).
-    sparse = qr.device.type == "cpu"
+    if sparse is None:
+        sparse = qr.device.type == "cpu"
     for a, b in _entry_chunks(n_q, n_r, same_set, chunk_elements):
         i, j = _entries(a, b, n_q, n_r, same_set, qr.device)
         at = i * n_r + j
         grad = grad_flat.take(at)
-        if same_set:  # the value stands at (i, j) and (j, i)
-            grad = grad + grad_flat.take(j * n_r + i)
         if sparse:
             keep = grad.nonzero().squeeze(1)
             if keep.numel() == 0:

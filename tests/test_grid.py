@@ -1,0 +1,115 @@
+"""The grid search and the per-entry optimum (``functional/grid.py``) against
+brute force on explicit points, and the backward's shortcuts against the
+plain computation."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pml_loop.functional import QuadGram, arc_cosine, best_candidate
+from pml_loop.functional.gram import first_max
+from pml_loop.functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
+from reference import arc_distance, segment_distance
+
+
+def _pairs(seed, n, d, sphere, degenerate=True):
+    """``(2, n, d)`` ends of n pairs, some coincident, antipodal or nearly flat."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, d, generator=g, dtype=torch.float64)
+    if sphere:
+        x = F.normalize(x, dim=-1)
+    if degenerate:
+        x[1, 0] = x[0, 0]  # a point
+        x[1, 1] = -x[0, 1]  # antipodal (a segment through the origin)
+        x[1, 2] = x[0, 2] + 1e-9 * torch.randn(d, generator=g, dtype=torch.float64)
+        if sphere:
+            x[1, 2] = F.normalize(x[1, 2], dim=0)
+    return x
+
+
+def _cross(a, b):
+    ends_a, ends_b = torch.cat((a[0], a[1])), torch.cat((b[0], b[1]))
+    return ends_a @ ends_b.T  # (2R, 2C)
+
+
+@pytest.mark.parametrize("d", [2, 3, 7])
+def test_arc_grid_matches_brute_force(d):
+    a, b = _pairs(0, 9, d, True), _pairs(1, 8, d, True)
+    got = arc_grid_values(_cross(a, b), (a[0] * a[1]).sum(1), (b[0] * b[1]).sum(1))
+    ref = torch.tensor([[1 - arc_distance(*(t.numpy() for t in (a[0, i], a[1, i], b[0, j], b[1, j]))) ** 2 / 2
+                         for j in range(8)] for i in range(9)], dtype=torch.float64)
+    assert (got - ref).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("d", [2, 3, 7])
+def test_symmetric_grid_is_the_plain_one(d):
+    a = _pairs(2, 10, d, True)
+    cross, c = _cross(a, a), (a[0] * a[1]).sum(1)
+    plain = arc_grid_values(cross, c, c)
+    assert (plain - plain.T).abs().max() < 1e-12  # LoOp is symmetric in the two pairs
+    assert (arc_grid_values(cross, c, c, symmetric=True) - plain).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 7])
+def test_segment_grid_matches_brute_force(d):
+    a, b = _pairs(3, 8, d, False), _pairs(4, 7, d, False)
+    own = lambda x: torch.stack(((x[0] * x[0]).sum(1), (x[0] * x[1]).sum(1), (x[1] * x[1]).sum(1)))  # noqa: E731
+    got = segment_grid_values(_cross(a, b), own(a), own(b))
+    ref = torch.tensor([[segment_distance(*(t.numpy() for t in (a[0, i], a[1, i], b[0, j], b[1, j]))) ** 2
+                         for j in range(7)] for i in range(8)], dtype=torch.float64)
+    assert (got - ref).abs().max() < 1e-6
+
+
+def test_dot_grid_is_the_best_corner():
+    a, b = _pairs(5, 6, 4, False), _pairs(6, 5, 4, False)
+    corners = torch.stack([a[k] @ b[l].T for k in (0, 1) for l in (0, 1)])
+    assert torch.allclose(dot_grid_values(_cross(a, b)), corners.amax(0), atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [2, 3, 16])
+def test_entry_optimum_points_and_partials(d):
+    """The value is the brute-force optimum, the weights give unit points whose
+    cosine is that value, and the partials the backward uses are autograd's
+    partials of the cosine at those fixed weights."""
+    a, b = _pairs(7, 40, d, True), _pairs(8, 40, d, True)
+    cross = torch.einsum("knd,lnd->kln", a, b)
+    c_q, c_r = (a[0] * a[1]).sum(1), (b[0] * b[1]).sum(1)
+    cos, wa, wb = arc_entry_optimum(c_q, c_r, cross)
+    q = QuadGram(*(torch.ones_like(c_q),) * 0, c_q.new_ones(()), c_q, c_q.new_ones(()), c_r.new_ones(()), c_r,
+                 c_r.new_ones(()), cross[0, 0], cross[0, 1], cross[1, 0], cross[1, 1])
+    assert (cos - best_candidate(q, "arc")[0]).abs().max() < 1e-7  # the older closed form: 1e-8 in the plane
+    p, r = torch.einsum("kn,knd->nd", wa, a), torch.einsum("kn,knd->nd", wb, b)
+    assert (p.norm(dim=1) - 1).abs().max() < 1e-9 and (r.norm(dim=1) - 1).abs().max() < 1e-9
+    assert ((p * r).sum(1) - cos).abs().max() < 1e-9
+    fields = [f.clone().requires_grad_() for f in q]
+    auto = torch.autograd.grad(arc_cosine(QuadGram(*fields), (wa[0], wa[1], wb[0], wb[1])).sum(),
+                               [fields[1], fields[4], *fields[6:]])
+    ours = [-cos * wa[0] * wa[1], -cos * wb[0] * wb[1], *(wa.unsqueeze(1) * wb.unsqueeze(0)).reshape(4, -1)]
+    apart = cos < 1 - 1e-9  # crossing arcs (cosine 1) sit on arc_cosine's clamp
+    assert apart.sum() > 20
+    for x, y in zip(auto, ours):
+        assert torch.allclose(x[apart], y[apart], atol=1e-9)
+
+
+def test_first_max_takes_the_first_of_ties():
+    v = torch.tensor([[1.0, 5.0, 2.0, -1.0], [3.0, 5.0, 2.0, -2.0], [3.0, 0.0, 7.0, -1.0]])
+    best, which = first_max(v)
+    assert best.tolist() == [3.0, 5.0, 7.0, -1.0] and which.tolist() == [1, 0, 2, 0]
+
+
+def test_sparse_backward_equals_the_dense_one():
+    """Skipping entries without gradient (the CPU default) changes nothing."""
+    from pml_loop.batch_loop import _winners_grad, gram_blocks, search_plan, search_winners
+    from pml_loop.pairs import positive_pair_table
+    g = torch.Generator().manual_seed(9)
+    x = F.normalize(torch.randn(24, 5, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.arange(6).repeat_interleave(4)
+    table = positive_pair_table(labels)
+    for chunk in (2**18, 37):
+        blocks = gram_blocks(x, x, True)
+        winners = search_winners(blocks, table, table, "arc", search_plan(table, table, chunk))
+        grad = torch.randn(24, 24, generator=g, dtype=torch.float64)
+        grad[torch.rand(24, 24, generator=g) < 0.7] = 0
+        dense, sparse = (_winners_grad(x @ x.T, x @ x.T, x @ x.T, True, winners, "arc", chunk, False, grad, s)
+                         for s in (False, True))
+        assert torch.equal(dense.qr, sparse.qr) and dense.qr.abs().sum() > 0
