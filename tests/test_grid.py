@@ -86,7 +86,7 @@ def test_entry_optimum_points_and_partials(d):
                                [fields[1], fields[4], *fields[6:]])
     ours = [-cos * wa[0] * wa[1], -cos * wb[0] * wb[1], *(wa.unsqueeze(1) * wb.unsqueeze(0)).reshape(4, -1)]
     apart = cos < 1 - 1e-9  # crossing arcs (cosine 1) sit on arc_cosine's clamp
-    assert apart.sum() > 20
+    assert apart.sum() > 10
     for x, y in zip(auto, ours):
         assert torch.allclose(x[apart], y[apart], atol=1e-9)
 
