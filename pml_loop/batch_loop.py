@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .functional import Geometry, QuadGram, best_candidate, candidate_weights
 from .functional.compiled import maybe_compiled
-from .functional.gram import first_max
+from .functional.gram import constant, first_max
 from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
 from .functional.loop import measure_partials
 from .pairs import PairTable
@@ -48,6 +48,13 @@ DEFAULT_GPU_CHUNK_ELEMENTS = 2**24
 #: pair's plane (2), the edge and interior candidates and their inputs (about
 #: 15); 40 leaves headroom (checked by ``benchmarks/bench_loop.py --only memory``).
 _TEMPORARIES_PER_ELEMENT = 40
+
+
+#: An entry of the gradient pass keeps about four times the temporaries of a
+#: combination of the search (its six inner products and their int64
+#: indices, the nine candidates and five directions of each pair): chunks of
+#: ``chunk_elements / 4`` entries stay within the same bound.
+_ENTRY_WEIGHT = 4
 
 
 def memory_bound_bytes(n_q: int, n_r: int, chunk_elements: int, itemsize: int = 4) -> int:
@@ -314,20 +321,27 @@ def _entry_chunks(n_q: int, n_r: int, upper: bool, chunk_elements: int) -> list[
     return bands
 
 
-def _entries(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor]:
-    """Rows and columns of the entries of rows ``a:b``; with ``upper`` only j > i."""
+def _entries(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows, columns and flat positions of the entries of rows ``a:b``; with
+    ``upper`` only j > i. A whole matrix in one band is kept for the next
+    batch of the same size (at most ``chunk_elements`` entries)."""
+    if a == 0 and b == n_q:
+        return _all_entries(n_q, n_r, upper, device)
+    return _band(a, b, n_q, n_r, upper, device)
+
+
+def _band(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor, Tensor]:
     if upper:
-        i, j = _triu_indices(b - a, n_r - a, device)
-        return i + a, j + a
-    k = torch.arange(a * n_r, b * n_r, device=device)
-    return k // n_r, k % n_r
+        i, j = torch.triu_indices(b - a, n_r - a, offset=1, device=device).add_(a)
+    else:
+        k = torch.arange(a * n_r, b * n_r, device=device)
+        i, j = k // n_r, k % n_r
+    return i, j, i * n_r + j
 
 
-@functools.lru_cache(maxsize=8)
-def _triu_indices(rows: int, cols: int, device) -> Tensor:
-    """``torch.triu_indices(rows, cols, 1)``, kept for the next batch of the
-    same size (at most ``chunk_elements`` entries each)."""
-    return torch.triu_indices(rows, cols, offset=1, device=device)
+@functools.lru_cache(maxsize=4)
+def _all_entries(n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor, Tensor]:
+    return _band(0, n_q, n_q, n_r, upper, device)
 
 
 def _entry_quad_gram(g: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor) -> QuadGram:
@@ -365,29 +379,37 @@ def _entry_partials(q: QuadGram, grad: Tensor, geometry: Geometry) -> QuadGram:
 
 def _arc_partials(fields: Tensor, grad: Tensor) -> Tensor:
     """Arcs (unit ends): ``grad`` times the partial derivatives of each entry's
-    optimum with respect to its six inner products ``fields`` ``(6, N)``, in
-    the order of :func:`_add_arc_partials` (the squared norms are 1 and the
-    cosine does not depend on them)."""
-    cos, a, b = arc_entry_optimum(fields[0], fields[1], fields[2:].view(2, 2, -1))
+    optimum with respect to its six inner products ``fields`` ``(6, N)``
+    (x_i.x_p, x_j.x_q, then x_i|x_p against x_j|x_q; the squared norms are 1
+    and the cosine does not depend on them)."""
+    cos, (b, a) = arc_entry_optimum(fields[0], fields[1], fields[2:].view(2, 2, -1))
     # Rounding can put crossing arcs' cosine just above 1, where the search's
     # value is clamped: no gradient there, as through a clamp.
     grad = grad * torch.le(cos, 1, out=torch.empty_like(cos))
-    own = torch.stack((a[0] * a[1], b[0] * b[1])).mul_(-cos)
-    return torch.cat((own, (a.unsqueeze(1) * b.unsqueeze(0)).view(4, -1))).mul_(grad)
+    parts = torch.empty_like(fields)
+    torch.mul(torch.stack((a[0], b[0])), torch.stack((a[1], b[1])), out=parts[:2]).mul_(cos.neg_())
+    torch.mul(a.unsqueeze(1), b.unsqueeze(0), out=parts[2:].view(2, 2, -1))
+    return parts.mul_(grad)
+
+
+#: Ends (i, p, j, q) of the six inner products of :func:`_arc_partials`.
+_ARC_FIELDS = ((0, 2, 0, 0, 1, 1), (1, 3, 2, 3, 2, 3))
 
 
 def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, grad: Tensor,
                  compile: bool) -> None:
-    """Add the arc entries' gradient to ``d``: x_i.x_p, x_j.x_q, then x_i|x_p
-    against x_j|x_q, gathered and scattered back with one index each."""
+    """Add the arc entries' gradient to ``d``: the six inner products of each
+    entry gathered, and its partials scattered back, with one index."""
     n_q, n_r = g.qr.shape
-    own_q, own_r = i * n_q + p, j * n_r + q
-    cross = torch.stack((i * n_r + j, i * n_r + q, p * n_r + j, p * n_r + q))
     partials = maybe_compiled(_arc_partials, compile)
     if d.same_set:
-        at = torch.cat((own_q.unsqueeze(0), own_r.unsqueeze(0), cross))
+        ends = torch.stack((i, p, j, q))
+        first, second = constant(_ARC_FIELDS, torch.long, i.device).unbind(0)
+        at = ends.index_select(0, first).mul_(n_r).add_(ends.index_select(0, second))  # (6, N)
         d.qr.view(-1).index_add_(0, at.view(-1), partials(g.qr.take(at), grad).view(-1))
         return
+    own_q, own_r = i * n_q + p, j * n_r + q
+    cross = torch.stack((i * n_r + j, i * n_r + q, p * n_r + j, p * n_r + q))
     fields = torch.cat((g.qq.take(own_q).unsqueeze(0), g.rr.take(own_r).unsqueeze(0), g.qr.take(cross)))
     parts = partials(fields, grad)
     d.qq.view(-1).index_add_(0, own_q, parts[0])
@@ -420,9 +442,8 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
     partials = maybe_compiled(_entry_partials, compile)
     if sparse is None:
         sparse = qr.device.type == "cpu"
-    for a, b in _entry_chunks(n_q, n_r, same_set, chunk_elements):
-        i, j = _entries(a, b, n_q, n_r, same_set, qr.device)
-        at = i * n_r + j
+    for a, b in _entry_chunks(n_q, n_r, same_set, max(1, chunk_elements // _ENTRY_WEIGHT)):
+        i, j, at = _entries(a, b, n_q, n_r, same_set, qr.device)
         grad = grad_flat.take(at)
         if sparse:
             keep = grad.nonzero().squeeze(1)

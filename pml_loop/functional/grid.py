@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import constant
+from .gram import constant, first_max
 
 
 def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,35 +121,43 @@ _DIRECTIONS = ((0, 1, 0, 1, 2, 3, 0, 1, 4), (0, 0, 1, 1, 0, 1, 2, 3, 4))
 _OPTION_ROWS = tuple(tuple(2 * (o + 5 * p) for o in row) for p, row in enumerate(_DIRECTIONS))
 
 
-def arc_entry_optimum(c_q: Tensor, c_r: Tensor, cross: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def arc_entry_optimum(c_q: Tensor, c_r: Tensor, cross: Tensor) -> tuple[Tensor, Tensor]:
     """The optimum of N arc couples, one each, with where it lies.
 
     ``c_q``, ``c_r`` ``(N,)``: x1.x2 and x3.x4; ``cross`` ``(2, 2, N)``: x1|x2
     against x3|x4. Returns the largest cosine ``(N,)`` and the weights
-    ``(2, N)`` of the optimal points p = a1 x1 + a2 x2 and q = b1 x3 + b2 x4,
-    scaled so that p and q are unit vectors: at those weights the partial
-    derivatives of the cosine are a_k b_l (cross terms), -cos a1 a2 and
-    -cos b1 b2 (Danskin).
+    ``(2, 2, N)`` ``[[b1, b2], [a1, a2]]`` of the optimal points
+    q = b1 x3 + b2 x4 and p = a1 x1 + a2 x2, scaled so that p and q are unit
+    vectors: at those weights the partial derivatives of the cosine are
+    a_k b_l (cross terms), -cos a1 a2 and -cos b1 b2 (Danskin).
 
     The two arcs' work is stacked (dim 0: the second arc, then the first).
     """
+    n = c_q.shape[0]
     c = torch.stack((c_r, c_q))
-    neg_c, s, inv_s = (t.unsqueeze(1) for t in arc_planes(c))  # (2, 1, N)
-    # Ends of the other pair in each plane's basis: x1, x2 against (x3, e2_r);
-    # x3, x4 against (x1, e2_q).
-    w1 = torch.stack((cross[:, 0], cross[0]))
-    w2 = torch.addcmul(torch.stack((cross[:, 1], cross[1])), w1, neg_c).mul_(inv_s)  # (2, 2, N)
-    edges = _edge_values(w1, w2, s, neg_c)
-    m22 = torch.addcmul(w2[0, 1], w2[0, 0], neg_c[1, 0]).mul_(inv_s[1, 0])
-    interior, u1, u2, v1, v2 = _interior(cross[0, 0], w2[0, 0], w2[1, 0], m22, s[1, 0], neg_c[1, 0],
-                                         s[0, 0], neg_c[0, 0])
-    cos, which = torch.cat((cross.reshape(4, -1), edges.reshape(4, -1), interior.unsqueeze(0))).max(0)
-    # The computed directions of each plane (unnormalised, orthonormal basis):
-    # the projections of the other pair's two ends, and the interior one.
-    computed = torch.stack((w1[0, 0], w2[0, 0], w1[0, 1], w2[0, 1], v1, v2,
-                            w1[1, 0], w2[1, 0], w1[1, 1], w2[1, 1], u1, u2)).view(2, 3, 2, -1)
-    b, a = _conic(computed, which, c, neg_c.squeeze(1), inv_s.squeeze(1))
-    return cos, a, b
+    neg_c, s, inv_s = arc_planes(c)  # (2, N)
+    # The other pair's ends in each plane's basis: x1, x2 against (x3, e2_r),
+    # then x3, x4 against (x1, e2_q).
+    flat = cross.view(4, n)  # x1.x3, x1.x4, x2.x3, x2.x4
+    at_first, at_other = constant(_OTHER_ENDS, torch.long, c.device).unbind(0)
+    w1 = flat.index_select(0, at_first).view(2, 2, n)
+    w2 = torch.addcmul(flat.index_select(0, at_other).view(2, 2, n), w1, neg_c.unsqueeze(1)).mul_(inv_s.unsqueeze(1))
+    (nc_r, nc_q), (s_r, s_q), (inv_r, inv_q) = neg_c.unbind(0), s.unbind(0), inv_s.unbind(0)
+    (x1_r, x2_r), (x3_q, x4_q) = w2.unbind(0)
+    m22 = torch.addcmul(x2_r, x1_r, nc_q).mul_(inv_q)
+    interior, u1, u2, v1, v2 = _interior(flat[0], x1_r, x3_q, m22, s_q, nc_q, s_r, nc_r)
+    values = torch.cat((flat, _edge_values(w1, w2, s.unsqueeze(1), neg_c.unsqueeze(1)).view(4, n),
+                        interior.unsqueeze(0)))
+    cos, which = first_max(values)
+    # Each pair's computed directions (unnormalised, orthonormal basis): the
+    # projections of the other pair's two ends, and the interior one.
+    computed = torch.cat((torch.stack((w1, w2), 2), torch.stack((v1, v2, u1, u2)).view(2, 1, 2, n)), 1)
+    return cos, _conic(computed, which, c, neg_c, inv_s)
+
+
+#: Rows of ``cross.view(4, N)`` for :func:`arc_entry_optimum`: the ends' inner
+#: products with x3 (then x1), and with x4 (then x2).
+_OTHER_ENDS = ((0, 2, 0, 1), (1, 3, 2, 3))
 
 
 def _conic(computed: Tensor, which: Tensor, c: Tensor, neg_c: Tensor, inv_s: Tensor) -> Tensor:
@@ -158,11 +166,10 @@ def _conic(computed: Tensor, which: Tensor, c: Tensor, neg_c: Tensor, inv_s: Ten
     direction (w1, w2) of the orthonormal basis, w1 x1 + w2 e2 = (w1 - w2 c / s) x1
     + (w2 / s) x2. ``computed``: ``(2, 3, 2, N)``; ``c``, ``neg_c``, ``inv_s``: ``(2, N)``."""
     n = which.shape[0]
-    w2 = computed[:, :, 1] * inv_s.unsqueeze(1)
     options = torch.empty(2, 5, 2, n, dtype=c.dtype, device=c.device)  # x1, x2, then the computed ones
-    options[:, :2] = torch.eye(2, dtype=c.dtype, device=c.device).view(1, 2, 2, 1)
+    options[:, :2] = constant(((1.0, 0.0), (0.0, 1.0)), c.dtype, c.device).view(1, 2, 2, 1)
+    w2 = torch.mul(computed[:, :, 1], inv_s.unsqueeze(1), out=options[:, 2:, 1])
     torch.addcmul(computed[:, :, 0], w2, neg_c.unsqueeze(1), out=options[:, 2:, 0])
-    options[:, 2:, 1] = w2
     # Row of each entry's chosen weights in options viewed as (20, N): one take.
     rows = constant(_OPTION_ROWS, torch.long, which.device).take(which + constant(((0,), (9,)), torch.long, which.device))
     at = (rows.unsqueeze(1) + constant(((0,), (1,)), torch.long, which.device)).mul_(n).add_(
