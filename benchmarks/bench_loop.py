@@ -12,8 +12,9 @@ Tables:
 - speed: forward + backward, d = 512, LoOp / plain for TripletMarginLoss,
   MultiSimilarityLoss and ContrastiveLoss, for B = 128 .. 1024 (m = 4) and
   m = 2, 4, 8 (B = 128), plus a one-class batch and two classes of 64;
-- aten: ATen calls of one forward + backward (each one a kernel launch on a
-  GPU), plain MultiSimilarityLoss against LoOp, eager and ``compile=True``;
+- aten: ATen calls of one forward + backward, all of them and those that run
+  a kernel (on a GPU, each one a launch), plain MultiSimilarityLoss and
+  TripletMarginLoss against LoOp, eager and ``compile=True``;
 - memory: peak resident memory above the inputs, forward + backward of
   MultiSimilarityLoss plain and LoOp-wrapped, B = 1024 and 4096, one fresh
   process per case;
@@ -100,25 +101,34 @@ def speed(quick: bool) -> None:
     ratio_row("B = 128, two classes of 64", emb, labels, ["MultiSimilarity"], max(3, reps // 5))
 
 
-def aten_calls(fn) -> int:
+#: ATen calls that only make a view or allocate: no kernel runs for them.
+_NO_KERNEL = {"as_strided", "select", "slice", "view", "unsqueeze", "squeeze", "numpy_T", "permute",
+              "transpose", "t", "unbind", "reshape", "_unsafe_view", "expand", "narrow", "detach", "alias",
+              "diagonal", "empty", "empty_like", "empty_strided", "resize_", "lift_fresh"}
+
+
+def aten_calls(fn) -> tuple[int, int]:
+    """All ATen calls of ``fn``, and those that run a kernel: the outermost
+    calls, less views and allocations (on a GPU, each one a launch)."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    outer = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(events), sum(e.name[6:] not in _NO_KERNEL for e in outer)
 
 
 def aten(quick: bool) -> None:
     emb, labels = batch(32, 4)
     print("\n## ATen calls of one forward + backward, B = 128 (32 x 4), d = 512")
     for name in ("MultiSimilarity", "Triplet"):
-        plain = aten_calls(step(LOSSES[name](), emb, labels))
-        eager = aten_calls(step(LoOpLoss(LOSSES[name]()), emb, labels))
-        line = f"{name}: plain {plain}, LoOp eager {eager}"
+        cases = {"plain": step(LOSSES[name](), emb, labels), "LoOp eager": step(LoOpLoss(LOSSES[name]()), emb, labels)}
         if not quick:
-            compiled = aten_calls(step(LoOpLoss(LOSSES[name](), compile=True), emb, labels))
-            line += f", LoOp compile=True {compiled}"
-        print(line, flush=True)
+            cases["LoOp compile=True"] = step(LoOpLoss(LOSSES[name](), compile=True), emb, labels)
+        cells = [f"{case} {total} ({kernels} kernels)" for case, (total, kernels) in
+                 ((case, aten_calls(fn)) for case, fn in cases.items())]
+        print(f"{name}: " + ", ".join(cells), flush=True)
 
 
 MEMORY_CASES = {
