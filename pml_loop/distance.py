@@ -93,7 +93,7 @@ class LoOpDistance(BaseDistance):
         chunk_elements: pair combinations (and entries) handled at once; the
             extra memory is at most ``batch_loop.memory_bound_bytes``. ``None``:
             2**18 on the CPU, 2**24 on a GPU (where fewer, larger kernels pay).
-        compile: run the search and measure kernels through ``torch.compile``
+        compile: run the search and gradient kernels through ``torch.compile``
             (Triton on a GPU; ~20 s to compile once per process, eager fallback).
         nonfinite: what a NaN or infinite embedding does: ``"warn"`` (like PML:
             the affected matrix is NaN, so the loss is NaN and a GradScaler can
