@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .functional import Geometry, QuadGram, best_candidate, candidate_weights
 from .functional.compiled import maybe_compiled
-from .functional.gram import constant, first_max
+from .functional.gram import constant, first_max, scatter_add, take
 from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
 from .functional.loop import measure_partials
 from .pairs import PairTable
@@ -208,7 +208,7 @@ def measure_of_score(score: Tensor, geometry: Geometry) -> Tensor:
 
 
 def _pair_gram(gram: Tensor, ends: Tensor) -> Tensor:
-    return gram.reshape(-1).take(ends[:, 0] * gram.shape[1] + ends[:, 1])
+    return take(gram, ends[:, 0] * gram.shape[1] + ends[:, 1])
 
 
 def _select(x: Tensor, dim: int, index: Tensor) -> Tensor:
@@ -265,7 +265,7 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     if plan.rows[0].samples is None and plan.cols[0].samples is None:  # one block: no merging
         scores = block_values(g, table_q.ends, table_r.ends, geometry, table_q is table_r and g.same_set)
         best, p, q = _reduce_block(scores, plan.rows[0], plan.cols[0])
-        return Winners(p.int(), q.int(), measure_of_score(best, geometry))
+        return Winners(p.int(), q.int().contiguous(), measure_of_score(best, geometry))
     # Entries no block reaches (one class on both sides) keep the corner (i, j),
     # the optimum of the points (i, i) and (j, j); every combination has it as a candidate.
     device = g.qr.device
@@ -349,15 +349,15 @@ def _entry_quad_gram(g: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor) 
     n_q, n_r = g.qr.shape
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
     return QuadGram(
-        dq.take(i), g.qq.take(i * n_q + p), dq.take(p),
-        dr.take(j), g.rr.take(j * n_r + q), dr.take(q),
-        g.qr.take(i * n_r + j), g.qr.take(i * n_r + q), g.qr.take(p * n_r + j), g.qr.take(p * n_r + q),
+        take(dq, i), take(g.qq, i * n_q + p), take(dq, p),
+        take(dr, j), take(g.rr, j * n_r + q), take(dr, q),
+        take(g.qr, i * n_r + j), take(g.qr, i * n_r + q), take(g.qr, p * n_r + j), take(g.qr, p * n_r + q),
     )
 
 
 def _add_partials(d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, parts: QuadGram) -> None:
     """Add the entries' gradient to the Gram blocks: the transpose of each
-    ``take`` of :func:`_entry_quad_gram`, one ``index_add_`` per block."""
+    ``take`` of :func:`_entry_quad_gram`, one scatter per block."""
     n_q, n_r = d.qr.shape
     cross = [(i * n_r + j, parts.g13), (i * n_r + q, parts.g14), (p * n_r + j, parts.g23), (p * n_r + q, parts.g24)]
     first = [(i * (n_q + 1), parts.g11), (i * n_q + p, parts.g12), (p * (n_q + 1), parts.g22)]
@@ -366,7 +366,7 @@ def _add_partials(d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, par
     for target, pieces in blocks:
         pieces = [(at, v) for at, v in pieces if v is not None]
         if pieces:
-            target.view(-1).index_add_(0, torch.cat([at for at, _ in pieces]), torch.cat([v for _, v in pieces]))
+            scatter_add(target, torch.cat([at for at, _ in pieces]), torch.cat([v for _, v in pieces]))
 
 
 def _entry_partials(q: QuadGram, grad: Tensor, geometry: Geometry) -> QuadGram:
@@ -406,15 +406,15 @@ def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, 
         ends = torch.stack((i, p, j, q))
         first, second = constant(_ARC_FIELDS, torch.long, i.device).unbind(0)
         at = ends.index_select(0, first).mul_(n_r).add_(ends.index_select(0, second))  # (6, N)
-        d.qr.view(-1).index_add_(0, at.view(-1), partials(g.qr.take(at), grad).view(-1))
+        scatter_add(d.qr, at, partials(take(g.qr, at), grad))
         return
     own_q, own_r = i * n_q + p, j * n_r + q
     cross = torch.stack((i * n_r + j, i * n_r + q, p * n_r + j, p * n_r + q))
-    fields = torch.cat((g.qq.take(own_q).unsqueeze(0), g.rr.take(own_r).unsqueeze(0), g.qr.take(cross)))
+    fields = torch.cat((take(g.qq, own_q).unsqueeze(0), take(g.rr, own_r).unsqueeze(0), take(g.qr, cross)))
     parts = partials(fields, grad)
-    d.qq.view(-1).index_add_(0, own_q, parts[0])
-    d.rr.view(-1).index_add_(0, own_r, parts[1])
-    d.qr.view(-1).index_add_(0, cross.view(-1), parts[2:].reshape(-1))
+    scatter_add(d.qq, own_q, parts[0])
+    scatter_add(d.rr, own_r, parts[1])
+    scatter_add(d.qr, cross, parts[2:])
 
 
 def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: Winners, geometry: Geometry,
@@ -444,14 +444,14 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
         sparse = qr.device.type == "cpu"
     for a, b in _entry_chunks(n_q, n_r, same_set, max(1, chunk_elements // _ENTRY_WEIGHT)):
         i, j, at = _entries(a, b, n_q, n_r, same_set, qr.device)
-        grad = grad_flat.take(at)
+        grad = take(grad_flat, at)
         if sparse:
             keep = grad.nonzero().squeeze(1)
             if keep.numel() == 0:
                 continue
             if keep.numel() < 0.9 * grad.numel():
                 i, j, at, grad = i[keep], j[keep], at[keep], grad[keep]
-        p, q = winners.partner_q.reshape(-1).take(at).long(), winners.partner_r.reshape(-1).take(at).long()
+        p, q = take(winners.partner_q, at).long(), take(winners.partner_r, at).long()
         if geometry == "arc":
             _arc_entries(g, d, i, j, p, q, grad, compile)
         else:

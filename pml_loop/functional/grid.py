@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import constant, first_max
+from .gram import constant, first_max, take
 
 
 def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,10 +171,10 @@ def _conic(computed: Tensor, which: Tensor, c: Tensor, neg_c: Tensor, inv_s: Ten
     w2 = torch.mul(computed[:, :, 1], inv_s.unsqueeze(1), out=options[:, 2:, 1])
     torch.addcmul(computed[:, :, 0], w2, neg_c.unsqueeze(1), out=options[:, 2:, 0])
     # Row of each entry's chosen weights in options viewed as (20, N): one take.
-    rows = constant(_OPTION_ROWS, torch.long, which.device).take(which + constant(((0,), (9,)), torch.long, which.device))
+    rows = take(constant(_OPTION_ROWS, torch.long, which.device), which + constant(((0,), (9,)), torch.long, which.device))
     at = (rows.unsqueeze(1) + constant(((0,), (1,)), torch.long, which.device)).mul_(n).add_(
         torch.arange(n, device=which.device))
-    a = options.take(at)
+    a = take(options, at)
     norm_sq = (a[:, 0] * a[:, 0]).addcmul_(a[:, 1], a[:, 1]).addcmul_(a[:, 0] * a[:, 1], c, value=2)
     return a.mul_(norm_sq.rsqrt_().unsqueeze(1))
 
