@@ -459,32 +459,6 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
     return d
 
 
-class _AtWinners(torch.autograd.Function):
-    """The winners' measures, with the gradient of the optimum (see
-    :func:`_winners_grad`). Only the winners are kept for the backward pass."""
-
-    @staticmethod
-    def forward(ctx, qq, rr, qr, winners, geometry, chunk_elements, compile):
-        ctx.same_set = qq is rr and rr is qr
-        ctx.settings = (winners, geometry, chunk_elements, compile)
-        ctx.save_for_backward(qq, rr, qr)
-        return winners.value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        d = _winners_grad(*ctx.saved_tensors, ctx.same_set, *ctx.settings, grad_out)
-        if ctx.same_set:  # one matrix passed three times: give it the whole gradient once
-            return None, None, d.qr, None, None, None, None
-        return d.qq, d.rr, d.qr, None, None, None, None
-
-
-def measure_winners(g: GramBlocks, winners: Winners, geometry: Geometry,
-                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False) -> Tensor:
-    """``(n_q, n_r)`` measure (squared distance, cosine or dot product) of each
-    entry's winner, with the gradient of the optimum to the Gram blocks."""
-    return _AtWinners.apply(g.qq, g.rr, g.qr, winners, geometry, chunk_elements, compile)
-
-
 #: How a measure becomes the base distance's units: the Euclidean distance
 #: from a squared one, the chord from a cosine, or the measure itself.
 Units = Literal["sqrt", "chord", "same"]

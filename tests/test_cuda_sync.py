@@ -67,9 +67,9 @@ def test_loop_loss_step_syncs_only_where_documented(make, nonfinite):
     assert sum(ours.values()) <= len(ALLOWED[nonfinite]), sites
 
 
-def test_search_and_measure_kernels_never_sync():
-    """The search and the measure on a cached structure run under "error" mode."""
-    from pml_loop.batch_loop import gram_blocks, measure_winners, search_winners
+def test_search_and_gradient_kernels_never_sync():
+    """The search and the gradient pass on a cached structure run under "error" mode."""
+    from pml_loop.batch_loop import gram_blocks, loop_entries, search_winners
     from pml_loop.distance import LoOpDistance
 
     emb, labels = _batch()
@@ -78,10 +78,12 @@ def test_search_and_measure_kernels_never_sync():
     qn = torch.nn.functional.normalize(emb, dim=1)
     g = gram_blocks(qn, qn, True)
     st = d._structure(g, labels, labels, True)
+    base, neg = d.base.compute_mat(qn, qn), labels[:, None] != labels[None, :]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         winners = search_winners(g, st.table_q, st.table_r, d.geometry, st.plan)
-        measure_winners(g, winners, d.geometry, d._chunk(emb.device)).sum().backward()
+        loop_entries(base, g, neg, winners, d._units(), d.is_inverted, d.geometry,
+                     d._chunk(emb.device)).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)

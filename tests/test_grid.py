@@ -1,7 +1,6 @@
 """The grid search and the per-entry optimum (``functional/grid.py``) against
 brute force on explicit points, and the backward's shortcuts against the
 plain computation."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -78,36 +78,23 @@ def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) ->
 
 def best_in_groups(groups: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Largest value and its index over candidates given in groups ``(k_g, *S)``
-    (indices run on across groups; on the CPU the first wins a tie, on a GPU any
-    of the tied ones: tied candidates are equally optimal points).
-
-    On the CPU a running comparison with float masks and ``lerp``: there a
-    maximum with indices, ``argmax`` and ``torch.where`` cost several times
-    these elementwise passes (torch 2.13, measured). On a GPU, where each pass
-    is a kernel launch, one maximum over the stacked candidates.
-    """
-    if groups[0].device.type != "cpu":  # a GPU launches one kernel per pass: fewer, wider ones
-        return torch.cat(groups).max(0)
-    values = [v for group in groups for v in group.unbind(0)]
-    steps = torch.arange(len(values), dtype=values[0].dtype, device=values[0].device)
-    best, which = values[0], torch.zeros_like(values[0])
-    better = torch.empty_like(values[0])
-    for k, value in enumerate(values[1:], 1):
-        torch.gt(value, best, out=better)  # 1.0 where this candidate wins
-        best = torch.maximum(best, value)
-        which.lerp_(steps[k], better)
-    return best, which.long()
+    (indices run on across groups): :func:`first_max` of them stacked."""
+    return first_max(torch.cat(groups))
 
 
 def first_max(values: Tensor) -> tuple[Tensor, Tensor]:
     """The largest of ``values`` ``(k, *S)`` along dim 0 and the first index
-    holding it, each ``S``.
+    holding it, each ``S`` (on a GPU any of tied ones: tied candidates are
+    equally optimal points).
 
-    The maximum, then the first row equal to it found with a float
-    comparison: on the CPU ``max(0)`` with indices costs two to five times
-    this, and comparisons into boolean tensors several times float ones
-    (torch 2.13, measured).
+    On the CPU the maximum, then the first row equal to it found with a float
+    comparison: there ``max(0)`` with indices costs two to five times this,
+    and comparisons into boolean tensors several times float ones (torch
+    2.13, measured). On a GPU, where each pass is a kernel launch, one
+    ``max(0)``.
     """
+    if values.device.type != "cpu":
+        return values.max(0)
     best = values.amax(0)
     k = values.shape[0]
     hit = torch.eq(values, best, out=torch.empty_like(values))

@@ -142,7 +142,7 @@ def arc_entry_optimum(c_q: Tensor, c_r: Tensor, cross: Tensor) -> tuple[Tensor, 
     at_first, at_other = constant(_OTHER_ENDS, torch.long, c.device).unbind(0)
     w1 = flat.index_select(0, at_first).view(2, 2, n)
     w2 = torch.addcmul(flat.index_select(0, at_other).view(2, 2, n), w1, neg_c.unsqueeze(1)).mul_(inv_s.unsqueeze(1))
-    (nc_r, nc_q), (s_r, s_q), (inv_r, inv_q) = neg_c.unbind(0), s.unbind(0), inv_s.unbind(0)
+    (nc_r, nc_q), (s_r, s_q), inv_q = neg_c.unbind(0), s.unbind(0), inv_s[1]
     (x1_r, x2_r), (x3_q, x4_q) = w2.unbind(0)
     m22 = torch.addcmul(x2_r, x1_r, nc_q).mul_(inv_q)
     interior, u1, u2, v1, v2 = _interior(flat[0], x1_r, x3_q, m22, s_q, nc_q, s_r, nc_r)

@@ -137,27 +137,6 @@ def measure_partials(q: QuadGram, w: PairWeights, geometry: Geometry) -> QuadGra
     raise ValueError(f"unknown geometry {geometry!r}; expected one of {GEOMETRIES}")
 
 
-#: How candidate indices move when the ends of the first pair (x1, x2), or of
-#: the second (x3, x4), are swapped: a permutation of the candidates of each
-#: geometry (see ``candidate_scores``).
-CANDIDATE_SWAPS = {
-    # corners 13 14 23 24, edges x1|B x2|B x3|A x4|A, interior
-    "arc": ((2, 3, 0, 1, 5, 4, 6, 7, 8), (1, 0, 3, 2, 4, 5, 7, 6, 8)),
-    # s = 0, s = 1 (t free), t = 0, t = 1 (s free), interior
-    "segment": ((1, 0, 2, 3, 4), (0, 1, 3, 2, 4)),
-    "dot": ((2, 3, 0, 1), (1, 0, 3, 2)),
-}
-
-#: How candidate indices move when the two pairs exchange roles ((x1, x2) and
-#: (x3, x4) swapped): one combination searched serves both entries of a
-#: symmetric matrix.
-CANDIDATE_EXCHANGE = {
-    "arc": (0, 2, 1, 3, 6, 7, 4, 5, 8),
-    "segment": (2, 3, 0, 1, 4),
-    "dot": (0, 2, 1, 3),
-}
-
-
 def _check_inputs(xs: tuple[Tensor, ...], sphere: bool) -> None:
     names = ("x1", "x2", "x3", "x4")
     for name, x in zip(names, xs):
