@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .functional import Geometry, QuadGram, best_candidate, candidate_weights
 from .functional.compiled import maybe_compiled
-from .functional.gram import constant, first_max, scatter_add, take
+from .functional.gram import first_max, scatter_add, take
 from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
 from .functional.loop import measure_partials
 from .pairs import PairTable
@@ -96,7 +96,7 @@ class Group(NamedTuple):
     samples: ``(s,)`` sample indices, or ``None`` for every sample of the set.
     slots:   ``(s, deg)`` each sample's owned pairs as offsets in the range;
              ``stop - start`` (a padding row/column) for pairs outside it.
-    partner, flipped: ``(s, deg)`` rows of the table's (see :class:`PairTable`).
+    partner: ``(s, deg)`` rows of the table's (see :class:`PairTable`).
     whole:   every pair of these samples lies in the range (no padding).
     label:   the class of the range when it holds a single class, else ``None``.
     """
@@ -106,7 +106,6 @@ class Group(NamedTuple):
     samples: Tensor | None
     slots: Tensor
     partner: Tensor
-    flipped: Tensor
     whole: bool
     label: int | None
 
@@ -135,7 +134,7 @@ def class_groups(table: PairTable, limit: int) -> list[Group]:
     if classes:
         spans.append((start, stop, classes, False))
     if len(spans) == 1:
-        return [Group(0, table.num_pairs, None, table.owned, table.partner, table.flipped, True, None)]
+        return [Group(0, table.num_pairs, None, table.owned, table.partner, True, None)]
     pair_labels = table.labels.tolist()
     return [_group(table, a, b, pair_labels[a] if k == 1 else None, split) for a, b, k, split in spans]
 
@@ -146,7 +145,7 @@ def _group(table: PairTable, start: int, stop: int, label: int | None, split: bo
     outside = (slots < 0) | (slots >= stop - start)
     whole = not split and not bool(outside.any())
     return Group(start, stop, samples, slots.masked_fill(outside, stop - start),
-                 table.partner[samples], table.flipped[samples], whole, label)
+                 table.partner[samples], whole, label)
 
 
 class SearchPlan(NamedTuple):
@@ -225,12 +224,15 @@ def _pad(x: Tensor, dim: int, value: float) -> Tensor:
     return torch.cat((x, x.new_full(shape, value)), dim)
 
 
-def _reduce_block(scores: Tensor, row: Group, col: Group) -> tuple[Tensor, Tensor, Tensor]:
+def _reduce_block(scores: Tensor, row: Group, col: Group, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Block scores ``(R, C)`` -> per (row sample, column sample) the best score
-    and the partners p, q whose pairs realise it, each ``(s_q, s_r)``.
+    and the partners p, q (int32) whose pairs realise it, each ``(s_q, s_r)``.
 
-    Both reductions run over the leading dimension of a row selection: on the
-    CPU, selecting and reducing along an inner dimension costs several times more.
+    Both reductions run over the leading dimension of a row selection (on the
+    CPU, selecting and reducing along an inner dimension costs several times
+    more), so the results come out as ``(s_r, s_q)``. ``symmetric`` (a diagonal
+    block within one set): they are read as ``(s_q, s_r)`` as they are, since
+    entry (j, i) is entry (i, j) with the two pairs swapped; otherwise transposed.
     """
     if not row.whole:  # a padding row for the pairs outside the block
         scores = _pad(scores, 0, float("-inf"))
@@ -239,9 +241,10 @@ def _reduce_block(scores: Tensor, row: Group, col: Group) -> tuple[Tensor, Tenso
     if not col.whole:
         val = _pad(val, 0, float("-inf"))
     val, r_slot = first_max(_select(val, 0, col.slots.T))  # (deg_r, s_r, s_q) -> (s_r, s_q)
-    column = col.slots.gather(1, r_slot).clamp_max(q_slot.shape[1] - 1)  # the winning pair of j, in the block
-    q_slot = q_slot.T.gather(0, column)  # the slot of i that won against it
-    return val.T, row.partner.gather(1, q_slot.T), col.partner.gather(1, r_slot).T
+    column = col.slots.gather(1, r_slot).clamp_max_(q_slot.shape[1] - 1)  # the winning pair of j, in the block
+    p = row.partner.T.gather(0, q_slot.T.gather(0, column))  # i's partner in the slot that won against it
+    q = col.partner.gather(1, r_slot)
+    return (val, q, p) if symmetric else (val.T, p.T, q.T)
 
 
 class Winners(NamedTuple):
@@ -263,9 +266,10 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     n_q, n_r = table_q.owned.shape[0], table_r.owned.shape[0]
     block_values = maybe_compiled(_block_values, compile)
     if plan.rows[0].samples is None and plan.cols[0].samples is None:  # one block: no merging
-        scores = block_values(g, table_q.ends, table_r.ends, geometry, table_q is table_r and g.same_set)
-        best, p, q = _reduce_block(scores, plan.rows[0], plan.cols[0])
-        return Winners(p.int(), q.int().contiguous(), measure_of_score(best, geometry))
+        symmetric = table_q is table_r and g.same_set
+        scores = block_values(g, table_q.ends, table_r.ends, geometry, symmetric)
+        best, p, q = _reduce_block(scores, plan.rows[0], plan.cols[0], symmetric)
+        return Winners(p.contiguous(), q.contiguous(), measure_of_score(best.contiguous(), geometry))
     # Entries no block reaches (one class on both sides) keep the corner (i, j),
     # the optimum of the points (i, i) and (j, j); every combination has it as a candidate.
     device = g.qr.device
@@ -273,13 +277,13 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     out = (torch.arange(n_q, device=device, dtype=torch.int32)[:, None].repeat(1, n_r),
            torch.arange(n_r, device=device, dtype=torch.int32)[None, :].repeat(n_q, 1))
 
-    def merge(row: Group, col: Group, scores: Tensor) -> None:
-        val, p, q = _reduce_block(scores, row, col)
+    def merge(row: Group, col: Group, scores: Tensor, symmetric: bool = False) -> None:
+        val, p, q = _reduce_block(scores, row, col, symmetric)
         at = (_samples(row, n_q, device)[:, None], _samples(col, n_r, device)[None, :])
         better = val > best[at]
         best[at] = torch.where(better, val, best[at])
         for o, n in zip(out, (p, q)):
-            o[at] = torch.where(better, n.to(o.dtype), o[at])
+            o[at] = torch.where(better, n, o[at])
 
     for r, row in enumerate(plan.rows):
         for c, col in enumerate(plan.cols):
@@ -287,7 +291,7 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
                 continue  # the mirror of a searched block, or one class on both sides
             scores = block_values(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry,
                                   plan.symmetric and c == r)
-            merge(row, col, scores)
+            merge(row, col, scores, plan.symmetric and c == r)
             if plan.symmetric and c > r:
                 merge(col, row, scores.T)  # LoOp is symmetric in the two pairs
     return Winners(*out, measure_of_score(best, geometry))
@@ -380,20 +384,16 @@ def _entry_partials(q: QuadGram, grad: Tensor, geometry: Geometry) -> QuadGram:
 def _arc_partials(fields: Tensor, grad: Tensor) -> Tensor:
     """Arcs (unit ends): ``grad`` times the partial derivatives of each entry's
     optimum with respect to its six inner products ``fields`` ``(6, N)``
-    (x_i.x_p, x_j.x_q, then x_i|x_p against x_j|x_q; the squared norms are 1
+    (x_j.x_q, x_i.x_p, then x_i|x_p against x_j|x_q; the squared norms are 1
     and the cosine does not depend on them)."""
-    cos, (b, a) = arc_entry_optimum(fields[0], fields[1], fields[2:].view(2, 2, -1))
+    cos, w = arc_entry_optimum(fields)  # w: [[b1, a1], [b2, a2]]
     # Rounding can put crossing arcs' cosine just above 1, where the search's
     # value is clamped: no gradient there, as through a clamp.
     grad = grad * torch.le(cos, 1, out=torch.empty_like(cos))
     parts = torch.empty_like(fields)
-    torch.mul(torch.stack((a[0], b[0])), torch.stack((a[1], b[1])), out=parts[:2]).mul_(cos.neg_())
-    torch.mul(a.unsqueeze(1), b.unsqueeze(0), out=parts[2:].view(2, 2, -1))
+    torch.mul(w[0], w[1], out=parts[:2]).mul_(cos.neg_())  # b1 b2, a1 a2
+    torch.mul(w[:, 1].unsqueeze(1), w[:, 0].unsqueeze(0), out=parts[2:].view(2, 2, -1))  # a_k b_l
     return parts.mul_(grad)
-
-
-#: Ends (i, p, j, q) of the six inner products of :func:`_arc_partials`.
-_ARC_FIELDS = ((0, 2, 0, 0, 1, 1), (1, 3, 2, 3, 2, 3))
 
 
 def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, grad: Tensor,
@@ -402,19 +402,22 @@ def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, 
     entry gathered, and its partials scattered back, with one index."""
     n_q, n_r = g.qr.shape
     partials = maybe_compiled(_arc_partials, compile)
+    at = torch.empty(6, i.shape[0], dtype=i.dtype, device=i.device)  # j.q, i.p, i.j, i.q, p.j, p.q
+    i_row, p_row = i * n_r, p * n_r
+    torch.add(j * n_r, q, out=at[0])
+    torch.add(i_row if d.same_set else i * n_q, p, out=at[1])
+    torch.add(i_row, j, out=at[2])
+    torch.add(i_row, q, out=at[3])
+    torch.add(p_row, j, out=at[4])
+    torch.add(p_row, q, out=at[5])
     if d.same_set:
-        ends = torch.stack((i, p, j, q))
-        first, second = constant(_ARC_FIELDS, torch.long, i.device).unbind(0)
-        at = ends.index_select(0, first).mul_(n_r).add_(ends.index_select(0, second))  # (6, N)
         scatter_add(d.qr, at, partials(take(g.qr, at), grad))
         return
-    own_q, own_r = i * n_q + p, j * n_r + q
-    cross = torch.stack((i * n_r + j, i * n_r + q, p * n_r + j, p * n_r + q))
-    fields = torch.cat((take(g.qq, own_q).unsqueeze(0), take(g.rr, own_r).unsqueeze(0), take(g.qr, cross)))
+    fields = torch.cat((take(g.rr, at[0]).unsqueeze(0), take(g.qq, at[1]).unsqueeze(0), take(g.qr, at[2:])))
     parts = partials(fields, grad)
-    scatter_add(d.qq, own_q, parts[0])
-    scatter_add(d.rr, own_r, parts[1])
-    scatter_add(d.qr, cross, parts[2:])
+    scatter_add(d.rr, at[0], parts[0])
+    scatter_add(d.qq, at[1], parts[1])
+    scatter_add(d.qr, at[2:], parts[2:])
 
 
 def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: Winners, geometry: Geometry,

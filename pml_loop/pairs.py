@@ -28,8 +28,7 @@ class PairTable(NamedTuple):
     runs:   the number of pairs of each class, in order (host integers: they
             decide how the search is cut into blocks).
     partner: ``(n, deg)`` for each owned pair, its other end (the sample itself
-            for a point).
-    flipped: ``(n, deg)`` True where the owner is the pair's second end.
+            for a point), int32 (what the search reports).
     """
 
     ends: Tensor
@@ -37,7 +36,6 @@ class PairTable(NamedTuple):
     labels: Tensor
     runs: tuple[int, ...]
     partner: Tensor
-    flipped: Tensor
 
     @property
     def num_pairs(self) -> int:
@@ -111,8 +109,7 @@ def positive_pair_table(
 def _table(ends: Tensor, owned: Tensor, pair_labels: Tensor, runs: tuple[int, ...]) -> PairTable:
     owner = torch.arange(len(owned), device=owned.device).unsqueeze(1)
     first, second = ends[owned, 0], ends[owned, 1]
-    flipped = first != owner
-    return PairTable(ends, owned, pair_labels, runs, torch.where(flipped, first, second), flipped)
+    return PairTable(ends, owned, pair_labels, runs, torch.where(first != owner, first, second).int())
 
 
 def partition_key(labels: Tensor) -> Tensor:

@@ -73,7 +73,8 @@ def test_entry_optimum_points_and_partials(d):
     a, b = _pairs(7, 40, d, True), _pairs(8, 40, d, True)
     cross = torch.einsum("knd,lnd->kln", a, b)
     c_q, c_r = (a[0] * a[1]).sum(1), (b[0] * b[1]).sum(1)
-    cos, (wb, wa) = arc_entry_optimum(c_q, c_r, cross)
+    cos, w = arc_entry_optimum(torch.cat((torch.stack((c_r, c_q)), cross.reshape(4, -1))))
+    wb, wa = w[:, 0], w[:, 1]
     q = QuadGram(*(torch.ones_like(c_q),) * 0, c_q.new_ones(()), c_q, c_q.new_ones(()), c_r.new_ones(()), c_r,
                  c_r.new_ones(()), cross[0, 0], cross[0, 1], cross[1, 0], cross[1, 1])
     assert (cos - best_candidate(q, "arc")[0]).abs().max() < 1e-7  # the older closed form: 1e-8 in the plane

@@ -98,7 +98,7 @@ def first_max(values: Tensor) -> tuple[Tensor, Tensor]:
     best = values.amax(0)
     k = values.shape[0]
     hit = torch.eq(values, best, out=torch.empty_like(values))
-    rank = torch.arange(k, 0, -1, dtype=values.dtype, device=values.device).view(k, *[1] * best.ndim)
+    rank = constant(tuple(range(k, 0, -1)), values.dtype, values.device).view(k, *[1] * best.ndim)
     return best, (k - hit.mul_(rank).amax(0)).long()
 
 

@@ -33,12 +33,12 @@ def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return -c, det.sqrt().mul_(has_plane), det.rsqrt_().mul_(has_plane)
 
 
-def _edge_values(w1: Tensor, w2: Tensor, s: Tensor, neg_c: Tensor) -> Tensor:
+def _edge_values(w1: Tensor, w2: Tensor, s: Tensor, neg_c: Tensor, out: Tensor | None = None) -> Tensor:
     """Best cosine of a fixed unit point y against an arc, given y's
     coordinates (w1, w2) in the arc's orthonormal basis: |w| when the direction
     of w lies strictly inside the arc (w2 > 0 and w1 s - w2 c > 0), else below
     -1 (an end of the arc, a corner candidate, is then at least as good)."""
-    value = (w1 * w1).addcmul_(w2, w2).sqrt_()
+    value = torch.mul(w1, w1, out=out).addcmul_(w2, w2).sqrt_()
     inside = torch.minimum(w2, (w1 * s).addcmul_(w2, neg_c)).sign_()  # 1 strictly inside
     return value.add_(inside.sub_(1), alpha=2)
 
@@ -99,8 +99,10 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
     torch.maximum(best, _edge_values(cross[:, :C], y_r, s_r, nc_r), out=best)
     best = torch.maximum(best[:R], best[R:])
     if symmetric:  # x3, x4 against the first arc: the transpose
-        m21 = y_r[:R].T
         best = torch.maximum(best, best.T)
+        # e2_q . x3 computed rather than transposed: elementwise work on a
+        # transposed operand runs several times slower on the CPU.
+        m21 = torch.addcmul(cross[R:, :C], cross[:R, :C], nc_q).mul_(inv_q)
     else:
         y_q = torch.addcmul(cross[R:], cross[:R], nc_q).mul_(inv_q)  # (R, 2C): e2_q . x3|x4
         m21 = y_q[:, :C]
@@ -115,68 +117,70 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
 #: Per candidate of :func:`arc_entry_optimum` (corners 13, 14, 23, 24; x1, x2
 #: against the second arc; x3, x4 against the first; interior): which point
 #: of the second pair's (x3, x4, a projection of x1, of x2, interior) and of
-#: the first pair's (x1, x2, a projection of x3, of x4, interior) it uses.
-_DIRECTIONS = ((0, 1, 0, 1, 2, 3, 0, 1, 4), (0, 0, 1, 1, 0, 1, 2, 3, 4))
-#: The same as rows of the first weight in the ``(2, 5, 2)`` options of :func:`_conic`.
-_OPTION_ROWS = tuple(tuple(2 * (o + 5 * p) for o in row) for p, row in enumerate(_DIRECTIONS))
+#: the first pair's (x1, x2, a projection of x3, of x4, interior) it uses, as
+#: an offset into the options of :func:`_unit_weights` (5 per arc).
+_OPTION_OF_CANDIDATE = ((0, 1, 0, 1, 2, 3, 0, 1, 4), (5, 5, 6, 6, 5, 6, 7, 8, 9))
+#: Rows of ``fields`` for :func:`arc_entry_optimum`: per arc, the inner
+#: products of the other pair's ends with its first end, then with its second.
+_FIRST_END, _SECOND_END = (2, 4, 2, 3), (3, 5, 4, 5)
 
 
-def arc_entry_optimum(c_q: Tensor, c_r: Tensor, cross: Tensor) -> tuple[Tensor, Tensor]:
+def arc_entry_optimum(fields: Tensor) -> tuple[Tensor, Tensor]:
     """The optimum of N arc couples, one each, with where it lies.
 
-    ``c_q``, ``c_r`` ``(N,)``: x1.x2 and x3.x4; ``cross`` ``(2, 2, N)``: x1|x2
-    against x3|x4. Returns the largest cosine ``(N,)`` and the weights
-    ``(2, 2, N)`` ``[[b1, b2], [a1, a2]]`` of the optimal points
-    q = b1 x3 + b2 x4 and p = a1 x1 + a2 x2, scaled so that p and q are unit
-    vectors: at those weights the partial derivatives of the cosine are
-    a_k b_l (cross terms), -cos a1 a2 and -cos b1 b2 (Danskin).
+    ``fields`` ``(6, N)``: x3.x4, x1.x2, then x1.x3, x1.x4, x2.x3, x2.x4
+    (unit ends). Returns the largest cosine ``(N,)`` and the weights
+    ``(2, 2, N)`` of the optimal points q = b1 x3 + b2 x4 and p = a1 x1 + a2 x2,
+    scaled so that p and q are unit vectors: ``[[b1, a1], [b2, a2]]``. At those
+    weights the partial derivatives of the cosine are a_k b_l (cross terms),
+    -cos a1 a2 and -cos b1 b2 (Danskin).
 
-    The two arcs' work is stacked (dim 0: the second arc, then the first).
+    The two arcs' work is stacked (the second arc, then the first), each
+    array laid out so that every operation runs over contiguous memory.
     """
-    n = c_q.shape[0]
-    c = torch.stack((c_r, c_q))
+    n = fields.shape[1]
+    c = fields[:2]
     neg_c, s, inv_s = arc_planes(c)  # (2, N)
     # The other pair's ends in each plane's basis: x1, x2 against (x3, e2_r),
     # then x3, x4 against (x1, e2_q).
-    flat = cross.view(4, n)  # x1.x3, x1.x4, x2.x3, x2.x4
-    at_first, at_other = constant(_OTHER_ENDS, torch.long, c.device).unbind(0)
-    w1 = flat.index_select(0, at_first).view(2, 2, n)
-    w2 = torch.addcmul(flat.index_select(0, at_other).view(2, 2, n), w1, neg_c.unsqueeze(1)).mul_(inv_s.unsqueeze(1))
-    (nc_r, nc_q), (s_r, s_q), inv_q = neg_c.unbind(0), s.unbind(0), inv_s[1]
-    (x1_r, x2_r), (x3_q, x4_q) = w2.unbind(0)
-    m22 = torch.addcmul(x2_r, x1_r, nc_q).mul_(inv_q)
-    interior, u1, u2, v1, v2 = _interior(flat[0], x1_r, x3_q, m22, s_q, nc_q, s_r, nc_r)
-    values = torch.cat((flat, _edge_values(w1, w2, s.unsqueeze(1), neg_c.unsqueeze(1)).view(4, n),
-                        interior.unsqueeze(0)))
+    w1 = fields.index_select(0, constant(_FIRST_END, torch.long, c.device)).view(2, 2, n)
+    w2 = fields.index_select(0, constant(_SECOND_END, torch.long, c.device)).view(2, 2, n)
+    w2.addcmul_(w1, neg_c.unsqueeze(1)).mul_(inv_s.unsqueeze(1))
+    (nc_r, nc_q), (s_r, s_q) = neg_c, s
+    m22 = torch.addcmul(w2[0, 1], w2[0, 0], nc_q).mul_(inv_s[1])
+    values = torch.empty(9, n, dtype=c.dtype, device=c.device)  # corners, edges, interior
+    values[:4] = fields[2:]
+    _edge_values(w1, w2, s.unsqueeze(1), neg_c.unsqueeze(1), out=values[4:8].view(2, 2, n))
+    interior, u1, u2, v1, v2 = _interior(fields[2], w2[0, 0], w2[1, 0], m22, s_q, nc_q, s_r, nc_r)
+    values[8] = interior
     cos, which = first_max(values)
-    # Each pair's computed directions (unnormalised, orthonormal basis): the
-    # projections of the other pair's two ends, and the interior one.
-    computed = torch.cat((torch.stack((w1, w2), 2), torch.stack((v1, v2, u1, u2)).view(2, 1, 2, n)), 1)
-    return cos, _conic(computed, which, c, neg_c, inv_s)
+    # The computed directions per arc, in its orthonormal basis: the
+    # projections of the other pair's two ends, then the interior one.
+    coords = torch.empty(2, 2, 3, n, dtype=c.dtype, device=c.device)  # (w1 | w2, arc, direction, N)
+    coords[:, :, :2] = torch.stack((w1, w2))
+    coords[:, 0, 2] = torch.stack((v1, v2))
+    coords[:, 1, 2] = torch.stack((u1, u2))
+    return cos, _unit_weights(coords, which, c, neg_c, inv_s)
 
 
-#: Rows of ``cross.view(4, N)`` for :func:`arc_entry_optimum`: the ends' inner
-#: products with x3 (then x1), and with x4 (then x2).
-_OTHER_ENDS = ((0, 2, 0, 1), (1, 3, 2, 3))
-
-
-def _conic(computed: Tensor, which: Tensor, c: Tensor, neg_c: Tensor, inv_s: Tensor) -> Tensor:
-    """``(2, 2, N)``: per pair (dim 0), the weights of its chosen point on its
-    ends x1, x2, scaled to a unit point: an end itself, or a computed
-    direction (w1, w2) of the orthonormal basis, w1 x1 + w2 e2 = (w1 - w2 c / s) x1
-    + (w2 / s) x2. ``computed``: ``(2, 3, 2, N)``; ``c``, ``neg_c``, ``inv_s``: ``(2, N)``."""
+def _unit_weights(coords: Tensor, which: Tensor, c: Tensor, neg_c: Tensor, inv_s: Tensor) -> Tensor:
+    """``(2, 2, N)``: per arc, the weights on its ends of the point the winning
+    candidate ``which`` uses, scaled to a unit point: an end itself, or a
+    computed direction (w1, w2) of the orthonormal basis, w1 x1 + w2 e2 =
+    (w1 - w2 c / s) x1 + (w2 / s) x2. ``coords``: ``(2, 2, 3, N)``, (w1 | w2,
+    arc, direction); ``c``, ``neg_c``, ``inv_s``: ``(2, N)``."""
     n = which.shape[0]
-    options = torch.empty(2, 5, 2, n, dtype=c.dtype, device=c.device)  # x1, x2, then the computed ones
-    options[:, :2] = constant(((1.0, 0.0), (0.0, 1.0)), c.dtype, c.device).view(1, 2, 2, 1)
-    w2 = torch.mul(computed[:, :, 1], inv_s.unsqueeze(1), out=options[:, 2:, 1])
-    torch.addcmul(computed[:, :, 0], w2, neg_c.unsqueeze(1), out=options[:, 2:, 0])
-    # Row of each entry's chosen weights in options viewed as (20, N): one take.
-    rows = take(constant(_OPTION_ROWS, torch.long, which.device), which + constant(((0,), (9,)), torch.long, which.device))
-    at = (rows.unsqueeze(1) + constant(((0,), (1,)), torch.long, which.device)).mul_(n).add_(
-        torch.arange(n, device=which.device))
-    a = take(options, at)
-    norm_sq = (a[:, 0] * a[:, 0]).addcmul_(a[:, 1], a[:, 1]).addcmul_(a[:, 0] * a[:, 1], c, value=2)
-    return a.mul_(norm_sq.rsqrt_().unsqueeze(1))
+    options = torch.empty(2, 2, 5, n, dtype=c.dtype, device=c.device)  # (weight, arc, option): ends, then computed
+    options[:, :, :2] = constant(((1.0, 0.0), (0.0, 1.0)), c.dtype, c.device).view(2, 1, 2, 1)
+    second = torch.mul(coords[1], inv_s.unsqueeze(1), out=options[1, :, 2:])
+    torch.addcmul(coords[0], second, neg_c.unsqueeze(1), out=options[0, :, 2:])
+    # Each arc's chosen option, as a column of options viewed as (2, 10 N).
+    at = take(constant(_OPTION_OF_CANDIDATE, torch.long, which.device), which.unsqueeze(0)
+              + constant(((0,), (9,)), torch.long, which.device))
+    at.mul_(n).add_(torch.arange(n, device=which.device))
+    w = options.view(2, 10 * n).index_select(1, at.view(-1)).view(2, 2, n)
+    norm_sq = (w[0] * w[0]).addcmul_(w[1], w[1]).addcmul_(w[0] * w[1], c, value=2)
+    return w.mul_(norm_sq.rsqrt_())
 
 
 def dot_grid_values(cross: Tensor) -> Tensor:
