@@ -27,10 +27,9 @@ def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     of its plane. A flat arc (coincident or antipodal ends) has no plane: its
     ``s`` and ``1/s`` are 0, which makes every candidate needing the plane fail
     the strict feasibility tests below, leaving its endpoints."""
-    det = (c * c).neg_().add_(1)
-    has_plane = torch.gt(det, 1e3 * torch.finfo(det.dtype).eps, out=torch.empty_like(det))  # 1.0 or 0.0
-    det = det.clamp_min_(torch.finfo(det.dtype).tiny)
-    return -c, det.sqrt().mul_(has_plane), det.rsqrt_().mul_(has_plane)
+    det = torch.rsub(c * c, 1)
+    s = torch.gt(det, 1e3 * torch.finfo(det.dtype).eps, out=torch.empty_like(det)).mul_(det).sqrt_()  # 0 if flat
+    return -c, s, s / det.clamp_min_(torch.finfo(det.dtype).tiny)
 
 
 def _edge_values(w1: Tensor, w2: Tensor, s: Tensor, neg_c: Tensor, out: Tensor | None = None) -> Tensor:
@@ -154,26 +153,25 @@ def arc_entry_optimum(fields: Tensor) -> tuple[Tensor, Tensor]:
     interior, u1, u2, v1, v2 = _interior(fields[2], w2[0, 0], w2[1, 0], m22, s_q, nc_q, s_r, nc_r)
     values[8] = interior
     cos, which = first_max(values)
-    # The computed directions per arc, in its orthonormal basis: the
-    # projections of the other pair's two ends, then the interior one.
-    coords = torch.empty(2, 2, 3, n, dtype=c.dtype, device=c.device)  # (w1 | w2, arc, direction, N)
-    coords[:, :, :2] = torch.stack((w1, w2))
-    coords[:, 0, 2] = torch.stack((v1, v2))
-    coords[:, 1, 2] = torch.stack((u1, u2))
-    return cos, _unit_weights(coords, which, c, neg_c, inv_s)
+    return cos, _unit_weights(w1, w2, torch.stack((v1, u1, v2, u2)).view(2, 2, n), which, c, neg_c, inv_s)
 
 
-def _unit_weights(coords: Tensor, which: Tensor, c: Tensor, neg_c: Tensor, inv_s: Tensor) -> Tensor:
+def _unit_weights(w1: Tensor, w2: Tensor, interior: Tensor, which: Tensor, c: Tensor, neg_c: Tensor,
+                  inv_s: Tensor) -> Tensor:
     """``(2, 2, N)``: per arc, the weights on its ends of the point the winning
     candidate ``which`` uses, scaled to a unit point: an end itself, or a
     computed direction (w1, w2) of the orthonormal basis, w1 x1 + w2 e2 =
-    (w1 - w2 c / s) x1 + (w2 / s) x2. ``coords``: ``(2, 2, 3, N)``, (w1 | w2,
-    arc, direction); ``c``, ``neg_c``, ``inv_s``: ``(2, N)``."""
+    (w1 - w2 c / s) x1 + (w2 / s) x2. The computed directions: the
+    projections of the other pair's two ends ``w1``, ``w2`` ``(2, 2, N)``
+    (arc, end) and the interior one ``interior`` ``(2, 2, N)`` (w1 | w2, arc);
+    ``c``, ``neg_c``, ``inv_s``: ``(2, N)``."""
     n = which.shape[0]
     options = torch.empty(2, 2, 5, n, dtype=c.dtype, device=c.device)  # (weight, arc, option): ends, then computed
     options[:, :, :2] = constant(((1.0, 0.0), (0.0, 1.0)), c.dtype, c.device).view(2, 1, 2, 1)
-    second = torch.mul(coords[1], inv_s.unsqueeze(1), out=options[1, :, 2:])
-    torch.addcmul(coords[0], second, neg_c.unsqueeze(1), out=options[0, :, 2:])
+    torch.mul(w2, inv_s.unsqueeze(1), out=options[1, :, 2:4])
+    torch.mul(interior[1], inv_s, out=options[1, :, 4])
+    torch.addcmul(w1, options[1, :, 2:4], neg_c.unsqueeze(1), out=options[0, :, 2:4])
+    torch.addcmul(interior[0], options[1, :, 4], neg_c, out=options[0, :, 4])
     # Each arc's chosen option, as a column of options viewed as (2, 10 N).
     at = take(constant(_OPTION_OF_CANDIDATE, torch.long, which.device), which.unsqueeze(0)
               + constant(((0,), (9,)), torch.long, which.device))
