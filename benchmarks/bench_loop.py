@@ -2,7 +2,7 @@
 
     python benchmarks/bench_loop.py            # every table (about 10 min on 2 cores)
     python benchmarks/bench_loop.py --quick    # fewer repeats, smaller sweep
-    python benchmarks/bench_loop.py --only speed memory aten train profile
+    python benchmarks/bench_loop.py --only speed memory aten train parts profile
 
 Nothing here is a test: it prints ratios measured in one run, the variants
 interleaved round by round so that machine load hits each alike. Run it on a
@@ -20,7 +20,10 @@ Tables:
   process per case;
 - train: one training step of the glyph CNN (batch 128, m = 4), plain and
   LoOp-wrapped TripletMarginLoss and MultiSimilarityLoss;
-- profile: where the time of a LoOp forward + backward goes (B = 128).
+- parts: wall-clock split of a LoOp forward + backward (B = 128): the search
+  and gradient passes alone and inside the step, the wrapper's own cost, and
+  the fixed cost per call (B = 16);
+- profile: the same under ``torch.profiler``, by ATen operation (B = 128).
 """
 from __future__ import annotations
 
@@ -203,6 +206,57 @@ def train(quick: bool) -> None:
               f"ratio {t['loop'] / t['plain']:.3f}x", flush=True)
 
 
+def parts(quick: bool) -> None:
+    """Where a LoOp step's time goes, in wall-clock time (the profiler inflates
+    operations of a few microseconds): the step with the search and gradient
+    passes replaced by their results from an earlier call is what the wrapper
+    and the plain loss cost; the rest is those two passes inside a step. The
+    passes are also timed alone, on the same inputs, called back to back."""
+    import pml_loop.batch_loop as bl
+    import pml_loop.distance as dist_mod
+    reps = 20 if quick else 60
+    originals = (dist_mod.search_winners, bl._winners_grad)
+    captured = {}
+
+    def cached(name, fn):
+        def call(*a, **k):
+            if name not in captured:
+                captured[name] = (a, k, fn(*a, **k))
+            return captured[name][2]
+        return call
+
+    def without_passes(fn):
+        def run():
+            dist_mod.search_winners, bl._winners_grad = cached("search", originals[0]), cached("gradient", originals[1])
+            try:
+                fn()
+            finally:
+                dist_mod.search_winners, bl._winners_grad = originals
+        return run
+
+    print("\n## parts: wall-clock split of one forward + backward, d = 512, median")
+    for name in ("MultiSimilarity", "Triplet"):
+        emb, labels = batch(32, 4)
+        loop = step(LoOpLoss(LOSSES[name]()), emb, labels)
+        t = median_times({"plain": step(LOSSES[name](), emb, labels), "LoOp": loop,
+                          "LoOp, passes cached": without_passes(loop)}, reps)
+        alone = {}
+        for part, fn in (("search", originals[0]), ("gradient", originals[1])):
+            a, k, _ = captured[part]
+            a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in a)
+            alone[part] = median_times({part: lambda: fn(*a, **k)}, 5 * reps)[part]
+        passes = t["LoOp"] - t["LoOp, passes cached"]
+        print(f"{name}, B = 128: plain {1e3 * t['plain']:.2f} ms, LoOp {1e3 * t['LoOp']:.2f} ms = "
+              f"wrapper {1e3 * (t['LoOp, passes cached'] - t['plain']):.2f} + search and gradient passes "
+              f"{1e3 * passes:.2f} ms (alone: search {1e3 * alone['search']:.2f}, gradient "
+              f"{1e3 * alone['gradient']:.2f} ms)", flush=True)
+    emb, labels = batch(4, 4)
+    t = median_times({"plain": step(losses.MultiSimilarityLoss(), emb, labels),
+                      "LoOp": step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)}, 5 * reps)
+    print(f"fixed cost per call, MultiSimilarity, B = 16 (4 x 4): plain {1e3 * t['plain']:.2f} ms, "
+          f"LoOp {1e3 * t['LoOp']:.2f} ms", flush=True)
+
+
 def profile_table(quick: bool) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
     import pml_loop.batch_loop as bl
@@ -234,7 +288,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", nargs="*", default=["speed", "aten", "memory", "train", "profile"])
+    ap.add_argument("--only", nargs="*", default=["speed", "aten", "memory", "train", "parts", "profile"])
     ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -246,7 +300,7 @@ def main() -> None:
         if part == "memory":
             memory(args.quick, args.threads)
         else:
-            {"speed": speed, "aten": aten, "train": train, "profile": profile_table}[part](args.quick)
+            {"speed": speed, "aten": aten, "train": train, "parts": parts, "profile": profile_table}[part](args.quick)
 
 
 if __name__ == "__main__":

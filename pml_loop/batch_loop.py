@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .functional import Geometry, QuadGram, best_candidate, candidate_weights
 from .functional.compiled import maybe_compiled
-from .functional.gram import first_max, scatter_add, take
+from .functional.gram import constant, first_max, scatter_add, take
 from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
 from .functional.loop import measure_partials
 from .pairs import PairTable
@@ -325,6 +325,13 @@ def _entry_chunks(n_q: int, n_r: int, upper: bool, chunk_elements: int) -> list[
     return bands
 
 
+def _index_dtype(n_q: int, n_r: int) -> torch.dtype:
+    """int32 for the flat positions of the gradient pass whenever every one of
+    them fits: on the CPU int32 arithmetic is two to three times as fast as
+    int64 (torch 2.13, measured), and gathers take either."""
+    return torch.int32 if max(n_q, n_r) ** 2 < 2**31 else torch.int64
+
+
 def _entries(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor, Tensor]:
     """Rows, columns and flat positions of the entries of rows ``a:b``; with
     ``upper`` only j > i. A whole matrix in one band is kept for the next
@@ -340,6 +347,7 @@ def _band(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tens
     else:
         k = torch.arange(a * n_r, b * n_r, device=device)
         i, j = k // n_r, k % n_r
+    i, j = i.to(_index_dtype(n_q, n_r)), j.to(_index_dtype(n_q, n_r))
     return i, j, i * n_r + j
 
 
@@ -389,11 +397,10 @@ def _arc_partials(fields: Tensor, grad: Tensor) -> Tensor:
     cos, w = arc_entry_optimum(fields)  # w: [[b1, a1], [b2, a2]]
     # Rounding can put crossing arcs' cosine just above 1, where the search's
     # value is clamped: no gradient there, as through a clamp.
-    grad = grad * torch.le(cos, 1, out=torch.empty_like(cos))
-    parts = torch.empty_like(fields)
-    torch.mul(w[0], w[1], out=parts[:2]).mul_(cos.neg_())  # b1 b2, a1 a2
-    torch.mul(w[:, 1].unsqueeze(1), w[:, 0].unsqueeze(0), out=parts[2:].view(2, 2, -1))  # a_k b_l
-    return parts.mul_(grad)
+    grad = torch.le(cos, 1, out=torch.empty_like(cos)).mul_(grad)
+    b, a = w.unbind(1)
+    own = w.prod(0).mul_(cos.neg_())  # -cos b1 b2, -cos a1 a2
+    return torch.cat((own, (a.unsqueeze(1) * b).view(4, -1))).mul_(grad)  # then a_k b_l
 
 
 def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, grad: Tensor,
@@ -402,14 +409,11 @@ def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, 
     entry gathered, and its partials scattered back, with one index."""
     n_q, n_r = g.qr.shape
     partials = maybe_compiled(_arc_partials, compile)
-    at = torch.empty(6, i.shape[0], dtype=i.dtype, device=i.device)  # j.q, i.p, i.j, i.q, p.j, p.q
-    i_row, p_row = i * n_r, p * n_r
-    torch.add(j * n_r, q, out=at[0])
-    torch.add(i_row if d.same_set else i * n_q, p, out=at[1])
-    torch.add(i_row, j, out=at[2])
-    torch.add(i_row, q, out=at[3])
-    torch.add(p_row, j, out=at[4])
-    torch.add(p_row, q, out=at[5])
+    # Flat positions of j.q, i.p, i.j, i.q, p.j, p.q: rows of n_r, but i.p in
+    # the query block (rows of n_q) when the sets differ.
+    lengths = ((n_r,),) * 6 if d.same_set else ((n_r,), (n_q,)) + ((n_r,),) * 4
+    rows = torch.stack((j, i, i, i, p, p))
+    at = rows.mul_(constant(lengths, rows.dtype, rows.device)).add_(torch.stack((q, p, j, q, j, q)))
     if d.same_set:
         scatter_add(d.qr, at, partials(take(g.qr, at), grad))
         return
@@ -455,7 +459,7 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
             if live < 0.9 * grad.numel():
                 keep = grad.nonzero().squeeze(1)
                 i, j, at, grad = i[keep], j[keep], at[keep], grad[keep]
-        p, q = take(winners.partner_q, at).long(), take(winners.partner_r, at).long()
+        p, q = take(winners.partner_q, at).to(i.dtype), take(winners.partner_r, at).to(i.dtype)
         if geometry == "arc":
             _arc_entries(g, d, i, j, p, q, grad, compile)
         else:

@@ -111,6 +111,6 @@ def take(x: Tensor, index: Tensor) -> Tensor:
 
 def scatter_add(x: Tensor, index: Tensor, values: Tensor) -> None:
     """Add ``values`` to the entries of ``x`` (flattened, contiguous) at
-    ``index``, in place (``index_add_`` on the flat view; ``scatter_add_`` is
+    ``index`` (any integer dtype), in place (``index_add_`` on the flat view; ``scatter_add_`` is
     about 1.5 times as fast on the CPU)."""
-    x.view(-1).scatter_add_(0, index.reshape(-1), values.reshape(-1))
+    x.view(-1).scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
