@@ -134,8 +134,7 @@ def arc_entry_optimum(fields: Tensor) -> tuple[Tensor, Tensor]:
     weights the partial derivatives of the cosine are a_k b_l (cross terms),
     -cos a1 a2 and -cos b1 b2 (Danskin).
 
-    The two arcs' work is stacked (the second arc, then the first), each
-    array laid out so that every operation runs over contiguous memory.
+    The two arcs' work is stacked (the second arc, then the first).
     """
     n = fields.shape[1]
     c = fields[:2]
