@@ -1,0 +1,97 @@
+"""The CPU facts behind the core's layout choices, measured on this machine.
+
+    python benchmarks/cpu_facts.py
+
+Prints (2 torch threads, fastest of many calls unless said otherwise):
+- an elementwise operation with a transposed operand against contiguous ones;
+- the gradient pass's flat positions computed in int32 and in int64;
+- page faults and time of the LoOp search inside a multi-similarity step, in
+  a fresh process (small allocations only) and in one that has freed a 16 MB
+  block first, as a training step with larger activations does (each case in
+  its own process: glibc's thresholds only move one way).
+
+Nothing here is a test; run it on a quiet machine.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def fastest(fn, calls: int = 500) -> float:
+    """Fastest call in microseconds."""
+    for _ in range(10):
+        fn()
+    best = float("inf")
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return 1e6 * best
+
+
+def layouts() -> None:
+    a, b = torch.randn(192, 192), torch.randn(192, 192)
+    print(f"maximum of two 192 x 192 arrays: contiguous {fastest(lambda: torch.maximum(a, b)):.1f} us, "
+          f"one transposed {fastest(lambda: torch.maximum(a, a.T)):.1f} us")
+    n, count = 128, 8128
+    for dtype in (torch.int64, torch.int32):
+        i, p = (torch.randint(0, n, (count,), dtype=dtype) for _ in range(2))
+        t = fastest(lambda: torch.stack((i, i, p, p, i, p)).mul_(n).add_(torch.stack((p, i, i, p, p, i))))
+        print(f"six flat positions of {count} entries in {str(dtype)[6:]}: {t:.1f} us")
+
+
+def search_child(warm: bool) -> None:
+    from pytorch_metric_learning import losses
+
+    import pml_loop.distance as dist_mod
+    from pml_loop import LoOpLoss
+    torch.set_num_threads(2)
+    if warm:
+        torch.empty(2**22).fill_(1)  # 16 MB, freed at once
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(128, 512, generator=g, requires_grad=True)
+    labels = torch.arange(32).repeat_interleave(4)
+    loss = LoOpLoss(losses.MultiSimilarityLoss())
+    search, seen = dist_mod.search_winners, []
+
+    def counted(*a, **k):
+        f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        out = search(*a, **k)
+        seen.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, time.perf_counter() - t))
+        return out
+
+    dist_mod.search_winners = counted
+    for _ in range(40):
+        emb.grad = None
+        loss(emb, labels).backward()
+    faults, seconds = zip(*seen[5:])
+    print(json.dumps(dict(faults=statistics.median(faults), ms=1e3 * statistics.median(seconds))))
+
+
+def page_faults() -> None:
+    for warm, label in ((False, "fresh process"), (True, "after freeing 16 MB")):
+        out = subprocess.run([sys.executable, __file__, "--search-child", str(int(warm))],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"LoOp search in a multi-similarity step, B = 128, {label}: {r['faults']:.0f} page faults, "
+              f"{r['ms']:.2f} ms (median of 35 steps)")
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--search-child":
+        return search_child(bool(int(sys.argv[2])))
+    torch.set_num_threads(2)
+    print(f"torch {torch.__version__}, 2 threads")
+    layouts()
+    page_faults()
+
+
+if __name__ == "__main__":
+    main()
