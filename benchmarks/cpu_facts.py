@@ -22,18 +22,12 @@ import sys
 import time
 
 import torch
+from bench_loop import min_time  # this folder
 
 
 def fastest(fn, calls: int = 500) -> float:
     """Fastest call in microseconds."""
-    for _ in range(10):
-        fn()
-    best = float("inf")
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return 1e6 * best
+    return 1e6 * min_time(fn, calls)
 
 
 def layouts() -> None:
