@@ -1,6 +1,6 @@
 """Speed, memory and kernel-launch counts of LoOpLoss against the plain losses.
 
-    python benchmarks/bench_loop.py            # every table (about 10 min on 2 cores)
+    python benchmarks/bench_loop.py            # every table (about a minute on 2 cores)
     python benchmarks/bench_loop.py --quick    # fewer repeats, smaller sweep
     python benchmarks/bench_loop.py --only speed memory aten train parts profile
 

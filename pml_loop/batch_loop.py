@@ -51,14 +51,14 @@ _TEMPORARIES_PER_ELEMENT = 40
 
 
 #: An entry of the gradient pass keeps about four times the temporaries of a
-#: combination of the search (its six inner products and their int64
-#: indices, the nine candidates and five directions of each pair): chunks of
+#: combination of the search (its six inner products and their flat
+#: positions, the nine candidates and five directions of each pair): chunks of
 #: ``chunk_elements / 4`` entries stay within the same bound.
 _ENTRY_WEIGHT = 4
 
 
 def memory_bound_bytes(n_q: int, n_r: int, chunk_elements: int, itemsize: int = 4) -> int:
-    """Documented bound on the extra memory of one LoOp matrix (search + measure).
+    """Documented bound on the extra memory of one LoOp matrix (search + gradient).
 
     ``40 * chunk_elements`` values for the temporaries of one block or row
     chunk, and per entry: the winners (two int32 partners and the value), the
@@ -280,8 +280,9 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     def merge(row: Group, col: Group, scores: Tensor, symmetric: bool = False) -> None:
         val, p, q = _reduce_block(scores, row, col, symmetric)
         at = (_samples(row, n_q, device)[:, None], _samples(col, n_r, device)[None, :])
-        better = val > best[at]
-        best[at] = torch.where(better, val, best[at])
+        current = best[at]
+        better = val > current
+        best[at] = torch.where(better, val, current)
         for o, n in zip(out, (p, q)):
             o[at] = torch.where(better, n, o[at])
 
@@ -327,8 +328,8 @@ def _entry_chunks(n_q: int, n_r: int, upper: bool, chunk_elements: int) -> list[
 
 def _index_dtype(n_q: int, n_r: int) -> torch.dtype:
     """int32 for the flat positions of the gradient pass whenever every one of
-    them fits: on the CPU int32 arithmetic is two to three times as fast as
-    int64 (torch 2.13, measured), and gathers take either."""
+    them fits: on the CPU int32 arithmetic is about twice as fast as int64
+    (``benchmarks/cpu_facts.py``), and gathers take either."""
     return torch.int32 if max(n_q, n_r) ** 2 < 2**31 else torch.int64
 
 
@@ -347,7 +348,8 @@ def _band(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tens
     else:
         k = torch.arange(a * n_r, b * n_r, device=device)
         i, j = k // n_r, k % n_r
-    i, j = i.to(_index_dtype(n_q, n_r)), j.to(_index_dtype(n_q, n_r))
+    dtype = _index_dtype(n_q, n_r)
+    i, j = i.to(dtype), j.to(dtype)
     return i, j, i * n_r + j
 
 

@@ -75,8 +75,8 @@ def test_entry_optimum_points_and_partials(d):
     c_q, c_r = (a[0] * a[1]).sum(1), (b[0] * b[1]).sum(1)
     cos, w = arc_entry_optimum(torch.cat((torch.stack((c_r, c_q)), cross.reshape(4, -1))))
     wb, wa = w[:, 0], w[:, 1]
-    q = QuadGram(*(torch.ones_like(c_q),) * 0, c_q.new_ones(()), c_q, c_q.new_ones(()), c_r.new_ones(()), c_r,
-                 c_r.new_ones(()), cross[0, 0], cross[0, 1], cross[1, 0], cross[1, 1])
+    q = QuadGram(c_q.new_ones(()), c_q, c_q.new_ones(()), c_r.new_ones(()), c_r, c_r.new_ones(()),
+                 cross[0, 0], cross[0, 1], cross[1, 0], cross[1, 1])
     assert (cos - best_candidate(q, "arc")[0]).abs().max() < 1e-7  # the older closed form: 1e-8 in the plane
     p, r = torch.einsum("kn,knd->nd", wa, a), torch.einsum("kn,knd->nd", wb, b)
     assert (p.norm(dim=1) - 1).abs().max() < 1e-9 and (r.norm(dim=1) - 1).abs().max() < 1e-9
@@ -113,3 +113,31 @@ def test_sparse_backward_equals_the_dense_one():
         dense, sparse = (_winners_grad(x @ x.T, x @ x.T, x @ x.T, True, winners, "arc", chunk, False, grad, s)
                          for s in (False, True))
         assert torch.equal(dense.qr, sparse.qr) and dense.qr.abs().sum() > 0
+
+
+@pytest.mark.parametrize("geometry", ["arc", "segment"])
+@pytest.mark.parametrize("same_set", [True, False])
+def test_int64_positions_give_the_int32_gradient(monkeypatch, geometry, same_set):
+    """Batches too large for int32 positions (46,341 rows and more) take the
+    int64 path: forced here on a small batch, it must give the same gradient."""
+    import pml_loop.batch_loop as bl
+    from pml_loop.pairs import positive_pair_table
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    if geometry == "arc":
+        x = F.normalize(x, dim=1)
+    y = x if same_set else x[:16] + 0.1
+    lq, lr = torch.arange(5).repeat_interleave(4), torch.arange(4).repeat_interleave(4)
+    tq = positive_pair_table(lq)
+    tr = tq if same_set else positive_pair_table(lr)
+    blocks = bl.gram_blocks(x, y, same_set)
+    winners = bl.search_winners(blocks, tq, tr, geometry, bl.search_plan(tq, tr, 2**18))
+    grad = torch.randn(*blocks.qr.shape, generator=g, dtype=torch.float64)
+    run = lambda: bl._winners_grad(*blocks, same_set, winners, geometry, 37, False, grad)  # noqa: E731
+    assert bl._index_dtype(20, 20) == torch.int32
+    narrow = run()
+    monkeypatch.setattr(bl, "_index_dtype", lambda n_q, n_r: torch.int64)
+    wide = run()
+    for a, b in zip(narrow, wide):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert narrow.qr.abs().sum() > 0
