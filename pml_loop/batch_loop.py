@@ -99,6 +99,8 @@ class Group(NamedTuple):
     partner: ``(s, deg)`` rows of the table's (see :class:`PairTable`).
     whole:   every pair of these samples lies in the range (no padding).
     label:   the class of the range when it holds a single class, else ``None``.
+    span:    ``(a, b)`` when the samples are exactly ``a, a + 1, ..., b - 1``
+             (their entries are then a slice of the matrix), else ``None``.
     """
 
     start: int
@@ -108,6 +110,7 @@ class Group(NamedTuple):
     partner: Tensor
     whole: bool
     label: int | None
+    span: tuple[int, int] | None
 
 
 def class_groups(table: PairTable, limit: int) -> list[Group]:
@@ -134,7 +137,7 @@ def class_groups(table: PairTable, limit: int) -> list[Group]:
     if classes:
         spans.append((start, stop, classes, False))
     if len(spans) == 1:
-        return [Group(0, table.num_pairs, None, table.owned, table.partner, True, None)]
+        return [Group(0, table.num_pairs, None, table.owned, table.partner, True, None, (0, len(table.owned)))]
     pair_labels = table.labels.tolist()
     return [_group(table, a, b, pair_labels[a] if k == 1 else None, split) for a, b, k, split in spans]
 
@@ -144,8 +147,10 @@ def _group(table: PairTable, start: int, stop: int, label: int | None, split: bo
     slots = table.owned[samples] - start
     outside = (slots < 0) | (slots >= stop - start)
     whole = not split and not bool(outside.any())
+    first, last = samples[[0, -1]].tolist()
+    span = (first, last + 1) if last - first + 1 == len(samples) else None
     return Group(start, stop, samples, slots.masked_fill(outside, stop - start),
-                 table.partner[samples], whole, label)
+                 table.partner[samples], whole, label, span)
 
 
 class SearchPlan(NamedTuple):
@@ -153,11 +158,14 @@ class SearchPlan(NamedTuple):
 
     symmetric: one set cut alike on both sides; only the blocks on and above
     the diagonal are searched, each also serving its mirror image.
+    disjoint: no sample owns pairs in two groups of a side (no class is split),
+    so each entry is settled by one block and written, not merged.
     """
 
     rows: list[Group]
     cols: list[Group]
     symmetric: bool = False
+    disjoint: bool = True
 
 
 def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> SearchPlan:
@@ -166,7 +174,7 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
     if table_q is table_r and kq * kr > chunk_elements:
         # LoOp is symmetric: cut both sides alike and search half the blocks.
         groups = class_groups(table_q, max(1, int(chunk_elements**0.5)))
-        return SearchPlan(groups, groups, len(groups) > 1)
+        return SearchPlan(groups, groups, len(groups) > 1, _disjoint(groups))
     if kr * min(kq, 16) <= chunk_elements:
         col_limit = kr  # full rows of the grid: fewest blocks
     else:
@@ -174,7 +182,14 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
     cols = class_groups(table_r, col_limit)
     width = max(g.stop - g.start for g in cols)
     rows = class_groups(table_q, max(1, chunk_elements // width))
-    return SearchPlan(rows, cols)
+    return SearchPlan(rows, cols, False, _disjoint(rows) and _disjoint(cols))
+
+
+def _disjoint(groups: list[Group]) -> bool:
+    if len(groups) == 1:
+        return True
+    samples = torch.cat([g.samples for g in groups])
+    return len(torch.unique(samples)) == len(samples)
 
 
 # -- pass 1: search ----------------------------------------------------------------
@@ -286,15 +301,31 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
         for o, n in zip(out, (p, q)):
             o[at] = torch.where(better, n, o[at])
 
+    def write(row: Group, col: Group, results: tuple[Tensor, Tensor, Tensor]) -> None:
+        if row.span is not None and col.span is not None:
+            at = (slice(*row.span), slice(*col.span))
+        else:
+            at = (_samples(row, n_q, device)[:, None], _samples(col, n_r, device)[None, :])
+        for target, value in zip((best, *out), results):
+            target[at] = value
+
     for r, row in enumerate(plan.rows):
         for c, col in enumerate(plan.cols):
             if (plan.symmetric and c < r) or (row.label is not None and row.label == col.label):
                 continue  # the mirror of a searched block, or one class on both sides
+            diagonal = plan.symmetric and c == r
             scores = block_values(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry,
-                                  plan.symmetric and c == r)
-            merge(row, col, scores, plan.symmetric and c == r)
-            if plan.symmetric and c > r:
-                merge(col, row, scores.T)  # LoOp is symmetric in the two pairs
+                                  diagonal)
+            if not plan.disjoint:
+                merge(row, col, scores, diagonal)
+                if plan.symmetric and c > r:
+                    merge(col, row, scores.T)  # LoOp is symmetric in the two pairs
+                continue
+            # Each entry lies in one block: its best is the block's.
+            val, p, q = _reduce_block(scores, row, col, diagonal)
+            write(row, col, (val, p, q))
+            if plan.symmetric and c > r:  # entry (j, i) is entry (i, j) with its two pairs swapped
+                write(col, row, (val.T, q.T, p.T))
     return Winners(*out, measure_of_score(best, geometry))
 
 

@@ -57,11 +57,14 @@ def _group_by_owner(owner: Tensor, pair_id: Tensor, n: int) -> Tensor:
 
 
 def _sorted_by_class(ends: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-    pair_labels = labels[ends[:, 0]]
-    order = torch.argsort(pair_labels, stable=True)
-    ends, pair_labels = ends[order], pair_labels[order]
-    runs = torch.unique_consecutive(pair_labels, return_counts=True)[1]
-    return ends, pair_labels, tuple(runs.tolist())
+    # Classes in the order they first appear: in a batch that keeps each
+    # class's samples together (PML's MPerClassSampler), the samples behind a
+    # range of pairs are then a range too, and the search writes slices.
+    first = partition_key(labels)[ends[:, 0]]
+    order = torch.argsort(first, stable=True)
+    ends = ends[order]
+    runs = torch.unique_consecutive(first[order], return_counts=True)[1]
+    return ends, labels[ends[:, 0]], tuple(runs.tolist())
 
 
 def positive_pair_table(

@@ -95,6 +95,28 @@ def test_chunked_search_is_bounded_and_exact(normalize, monkeypatch):
             assert torch.allclose(whole, cut, atol=1e-12)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_every_way_of_settling_blocks_is_exact(normalize):
+    """Blocks are written as slices (each class's samples together), through
+    indices (classes interleaved) or merged (a class split across blocks):
+    each way gives the one-block matrix."""
+    from pml_loop.batch_loop import search_plan
+    emb, labels = _batch(8, sizes=(4, 3, 4, 2, 5, 3))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    base = LpDistance(normalize_embeddings=normalize)
+    seen = set()
+    for e, lab in ((emb, labels), (emb[order], labels[order])):
+        whole = LoOpDistance(base).loop_mat(e, lab)
+        table = positive_pair_table(lab)
+        for chunk in (12, 60, 200):
+            plan = search_plan(table, table, chunk)
+            spans = all(g.span is not None for g in plan.rows)
+            seen.add("merged" if not plan.disjoint else "sliced" if spans else "indexed")
+            cut = LoOpDistance(base, chunk_elements=chunk).loop_mat(e, lab)
+            assert torch.allclose(whole, cut, atol=1e-12)
+    assert seen == {"merged", "sliced", "indexed"}
+
+
 def test_same_class_combinations_cost_nothing(monkeypatch):
     """Two big classes: only combinations of a pair of one class with a pair of
     the other are searched, never two pairs of one class; within one set each
@@ -160,7 +182,7 @@ def test_pair_table_owns_every_partner_once():
     t = positive_pair_table(labels)
     ends = t.ends.tolist()
     assert sorted(map(tuple, ends)) == [(0, 4), (1, 2), (1, 5), (2, 5), (3, 3)]
-    assert t.labels.tolist() == sorted(t.labels.tolist()) and t.runs == (3, 1, 1)  # by class
+    assert t.labels.tolist() == [2, 0, 0, 0, 1] and t.runs == (1, 3, 1)  # by class, as they first appear
     assert t.labels.tolist() == labels[t.ends[:, 0]].tolist()
     for i, row in enumerate(t.owned.tolist()):
         assert all(0 <= k < t.num_pairs for k in row)  # padding repeats a real pair
