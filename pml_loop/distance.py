@@ -21,6 +21,7 @@ from pytorch_metric_learning.distances import (
 from torch import Tensor
 
 from .batch_loop import (
+    CPU_HALVE_FROM,
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_GPU_CHUNK_ELEMENTS,
     GramBlocks,
@@ -381,7 +382,8 @@ class LoOpDistance(BaseDistance):
             self._warn_once("singletons", "every sample of the batch is its own class: no positive pairs, "
                             "so LoOp equals the plain distance; sample several per class "
                             "(e.g. PML's MPerClassSampler)")
-        plan = search_plan(table_q, table_r, self._chunk(table_q.ends.device))
+        device = table_q.ends.device
+        plan = search_plan(table_q, table_r, self._chunk(device), CPU_HALVE_FROM if device.type == "cpu" else None)
         return _Structure(table_q, table_r, plan, has_negatives)
 
     def _chunk(self, device: torch.device) -> int:
