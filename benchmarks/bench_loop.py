@@ -86,12 +86,14 @@ def min_time(fn, calls: int) -> float:
 
 
 def ratio_row(label: str, emb, labels, names, repeats: int) -> None:
+    """One table row: a cell per loss of ``LOSSES``, blank for those not in ``names``."""
     fns = {}
     for name in names:
         fns[name] = step(LOSSES[name](), emb, labels)
         fns["LoOp " + name] = step(LoOpLoss(LOSSES[name]()), emb, labels)
     t = median_times(fns, repeats)
-    cells = [f"{1e3 * t[n]:8.2f} / {1e3 * t['LoOp ' + n]:8.2f} ms = {t['LoOp ' + n] / t[n]:5.2f}x" for n in names]
+    cells = [f"{1e3 * t[n]:8.2f} / {1e3 * t['LoOp ' + n]:8.2f} ms = {t['LoOp ' + n] / t[n]:5.2f}x" if n in names
+             else "" for n in LOSSES]
     print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
