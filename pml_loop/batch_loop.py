@@ -42,12 +42,6 @@ from .pairs import PairTable
 DEFAULT_CHUNK_ELEMENTS = 2**18
 #: On a GPU each operation is a kernel launch: fewer, larger blocks (about 2.7 GB).
 DEFAULT_GPU_CHUNK_ELEMENTS = 2**24
-#: On the CPU a search within one set of more than this many combinations is
-#: cut in two at least, even where ``chunk_elements`` allows one block: the
-#: block below the diagonal, the mirror image of the one above, is then not
-#: searched, a quarter of the work (see the README's speed table). Below it the
-#: extra blocks cost more than they save.
-CPU_HALVE_FROM = 2**16
 
 #: Live temporaries of the search and gradient passes per element of a block
 #: or chunk: the gathered Gram block (4), the coordinates in the other
@@ -174,17 +168,12 @@ class SearchPlan(NamedTuple):
     disjoint: bool = True
 
 
-def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int,
-                halve_from: int | None = None) -> SearchPlan:
-    """Blocks of at most ``chunk_elements`` combinations (at least one pair each
-    way); a search within one set of more than ``halve_from`` combinations in
-    two blocks each way at least (see :data:`CPU_HALVE_FROM`)."""
+def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> SearchPlan:
+    """Blocks of at most ``chunk_elements`` combinations (at least one pair each way)."""
     kq, kr = table_q.num_pairs, table_r.num_pairs
-    if table_q is table_r and kq * kr > min(chunk_elements, halve_from or chunk_elements):
-        # LoOp is symmetric: cut both sides alike and search half the blocks,
-        # in groups of even size (the fewest blocks for the most mirror images).
-        parts = max(2, -(-kq // max(1, int(chunk_elements**0.5))))
-        groups = class_groups(table_q, -(-kq // parts))
+    if table_q is table_r and kq * kr > chunk_elements:
+        # LoOp is symmetric: cut both sides alike and search half the blocks.
+        groups = class_groups(table_q, max(1, int(chunk_elements**0.5)))
         return SearchPlan(groups, groups, len(groups) > 1, _disjoint(groups))
     if kr * min(kq, 16) <= chunk_elements:
         col_limit = kr  # full rows of the grid: fewest blocks

@@ -21,7 +21,6 @@ from pytorch_metric_learning.distances import (
 from torch import Tensor
 
 from .batch_loop import (
-    CPU_HALVE_FROM,
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_GPU_CHUNK_ELEMENTS,
     GramBlocks,
@@ -382,8 +381,7 @@ class LoOpDistance(BaseDistance):
             self._warn_once("singletons", "every sample of the batch is its own class: no positive pairs, "
                             "so LoOp equals the plain distance; sample several per class "
                             "(e.g. PML's MPerClassSampler)")
-        device = table_q.ends.device
-        plan = search_plan(table_q, table_r, self._chunk(device), CPU_HALVE_FROM if device.type == "cpu" else None)
+        plan = search_plan(table_q, table_r, self._chunk(table_q.ends.device))
         return _Structure(table_q, table_r, plan, has_negatives)
 
     def _chunk(self, device: torch.device) -> int:

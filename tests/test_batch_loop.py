@@ -117,30 +117,6 @@ def test_every_way_of_settling_blocks_is_exact(normalize):
     assert seen == {"merged", "sliced", "indexed"}
 
 
-def test_cpu_halves_a_one_set_search(monkeypatch):
-    """On the CPU a one-set search larger than ``CPU_HALVE_FROM`` is cut in
-    two groups each way even where ``chunk_elements`` allows one block, so
-    that the mirror block is not searched, and gives the one-block values."""
-    import pml_loop.batch_loop as bl
-    emb, labels = _batch(9, sizes=(4,) * 50, d=4)
-    table = positive_pair_table(labels)
-    k = table.num_pairs
-    assert bl.CPU_HALVE_FROM < k**2 < 2**20
-    blocks = _record_blocks(monkeypatch)
-    got = LoOpDistance(LpDistance(), chunk_elements=2**20).loop_mat(emb, labels)
-    monkeypatch.undo()
-    assert blocks == [(k // 2, k // 2)] * 3  # even halves, the mirror block skipped
-    x = F.normalize(emb, dim=1)
-    g = bl.gram_blocks(x, x, True)
-    assert len(bl.search_plan(table, table, 2**20).rows) == 1
-    one = bl.search_winners(g, table, table, "arc", bl.search_plan(table, table, 2**20))
-    cut = bl.search_winners(g, table, table, "arc", bl.search_plan(table, table, 2**20, bl.CPU_HALVE_FROM))
-    neg = labels[:, None] != labels[None, :]
-    assert torch.allclose(one.value[neg], cut.value[neg], atol=1e-12, rtol=0)
-    chord = (2 - 2 * one.value).clamp_min(0).sqrt()
-    assert torch.allclose(got[neg], chord[neg], atol=1e-12)
-
-
 def test_same_class_combinations_cost_nothing(monkeypatch):
     """Two big classes: only combinations of a pair of one class with a pair of
     the other are searched, never two pairs of one class; within one set each
