@@ -3,10 +3,16 @@
     python benchmarks/bench_loop.py            # every table (about a minute on 2 cores)
     python benchmarks/bench_loop.py --quick    # fewer repeats, smaller sweep
     python benchmarks/bench_loop.py --only speed memory aten train parts profile
+    python benchmarks/bench_loop.py --only speed train --against /tmp/before   # two builds
 
 Nothing here is a test: it prints ratios measured in one run, the variants
-interleaved round by round so that machine load hits each alike. Run it on a
-quiet machine (on 2 cores another busy process distorts everything).
+interleaved round by round so that machine load hits each alike. ``--against``
+takes another checkout (e.g. ``git worktree add /tmp/before <commit>``) and
+times its LoOpLoss in the same process, interleaved with this one's, in the
+speed and train tables: on a machine whose speed drifts, two builds compare
+reliably only that way.
+
+Run it on a quiet machine (on 2 cores another busy process distorts everything).
 
 Tables:
 - speed: forward + backward, d = 512, LoOp / plain for TripletMarginLoss,
@@ -28,12 +34,17 @@ Tables:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from pytorch_metric_learning import losses
@@ -45,6 +56,22 @@ LOSSES = {
     "MultiSimilarity": losses.MultiSimilarityLoss,
     "Contrastive": losses.ContrastiveLoss,
 }
+
+
+#: LoOpLoss of the build given with ``--against``, or None.
+AGAINST = None
+
+
+def load_against(checkout: str):
+    """LoOpLoss of another build: its package copied beside this one as
+    ``pml_loop_against`` (the package imports itself relatively)."""
+    src = Path(checkout) / "pml_loop"
+    if not (src / "__init__.py").is_file():
+        raise SystemExit(f"--against: {checkout} has no pml_loop package")
+    root = Path(tempfile.mkdtemp(prefix="bench_against_"))
+    shutil.copytree(src, root / "pml_loop_against", ignore=shutil.ignore_patterns("__pycache__", "*.npz"))
+    sys.path.insert(0, str(root))
+    return importlib.import_module("pml_loop_against").LoOpLoss
 
 
 def batch(classes: int, per_class: int, d: int = 512, seed: int = 0):
@@ -61,14 +88,19 @@ def step(loss, emb, labels):
 
 
 def median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, called round by round (interleaved)."""
+    """Median seconds of each function, called round by round (interleaved),
+    in a new order each round: a call runs faster right after one that used
+    memory of the same sizes (the allocator hands it back warm), so a fixed
+    order would favour whichever variant follows its twin."""
     for fn in fns.values():
         fn()  # warm-up (and the structure cache)
     times = {name: [] for name in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(v) for name, v in times.items()}
 
@@ -86,20 +118,29 @@ def min_time(fn, calls: int) -> float:
 
 
 def ratio_row(label: str, emb, labels, names, repeats: int) -> None:
-    """One table row: a cell per loss of ``LOSSES``, blank for those not in ``names``."""
+    """One table row: a cell per loss of ``LOSSES``, blank for those not in
+    ``names``; with ``--against``, that build's LoOp time and ratio first."""
     fns = {}
     for name in names:
         fns[name] = step(LOSSES[name](), emb, labels)
         fns["LoOp " + name] = step(LoOpLoss(LOSSES[name]()), emb, labels)
+        if AGAINST is not None:
+            fns["against " + name] = step(AGAINST(LOSSES[name]()), emb, labels)
     t = median_times(fns, repeats)
-    cells = [f"{1e3 * t[n]:8.2f} / {1e3 * t['LoOp ' + n]:8.2f} ms = {t['LoOp ' + n] / t[n]:5.2f}x" if n in names
-             else "" for n in LOSSES]
+
+    def cell(n):
+        text = f"{1e3 * t[n]:8.2f} / {1e3 * t['LoOp ' + n]:8.2f} ms = {t['LoOp ' + n] / t[n]:5.2f}x"
+        if AGAINST is None:
+            return text
+        return f"{t['against ' + n] / t[n]:5.2f}x -> {t['LoOp ' + n] / t[n]:5.2f}x ({text})"
+    cells = [cell(n) if n in names else "" for n in LOSSES]
     print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
 def speed(quick: bool) -> None:
     names = list(LOSSES)
-    print("\n## speed: forward + backward, d = 512, plain / LoOp (median), ratio")
+    print("\n## speed: forward + backward, d = 512, plain / LoOp (median), ratio"
+          + ("; --against build's ratio -> this build's" if AGAINST is not None else ""))
     print("| batch | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     reps = 10 if quick else 30
@@ -215,9 +256,13 @@ def train(quick: bool) -> None:
 
     print("\n## train: one step of the glyph CNN (16 x 16, batch 128 = 32 x 4, 128-d), median")
     for name in ("Triplet", "MultiSimilarity"):
-        t = median_times({"plain": run(LOSSES[name]()), "loop": run(LoOpLoss(LOSSES[name]()))}, 10 if quick else 40)
+        fns = {"plain": run(LOSSES[name]()), "loop": run(LoOpLoss(LOSSES[name]()))}
+        if AGAINST is not None:
+            fns["against"] = run(AGAINST(LOSSES[name]()))
+        t = median_times(fns, 10 if quick else 40)
+        against = f", --against build {t['against'] / t['plain']:.3f}x" if AGAINST is not None else ""
         print(f"{name}: plain {1e3 * t['plain']:.1f} ms, LoOp {1e3 * t['loop']:.1f} ms, "
-              f"ratio {t['loop'] / t['plain']:.3f}x", flush=True)
+              f"ratio {t['loop'] / t['plain']:.3f}x{against}", flush=True)
 
 
 def parts(quick: bool) -> None:
@@ -303,13 +348,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=["speed", "aten", "memory", "train", "parts", "profile"])
+    ap.add_argument("--against", metavar="CHECKOUT", help="also time this checkout's LoOpLoss (speed, train)")
     ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         case, b, threads = args.memory_child
         return memory_child(case, int(b), int(threads))
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads")
+    if args.against:
+        global AGAINST
+        AGAINST = load_against(args.against)
+    print(f"torch {torch.__version__}, {args.threads} threads" + (f", against {args.against}" if args.against else ""))
     for part in args.only:
         if part == "memory":
             memory(args.quick, args.threads)
