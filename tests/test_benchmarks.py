@@ -1,0 +1,33 @@
+"""The benchmark script's comparison of two builds in one process."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pytorch_metric_learning.losses import MultiSimilarityLoss
+
+from pml_loop import LoOpLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_loop", ROOT / "benchmarks" / "bench_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_against_loads_another_build_beside_this_one(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    other = _bench().load_against(str(ROOT))
+    assert other is not LoOpLoss and other.__module__ == "pml_loop_against.loss"
+    g = torch.Generator().manual_seed(0)
+    emb, labels = torch.randn(24, 8, generator=g), torch.arange(6).repeat_interleave(4)
+    assert torch.equal(other(MultiSimilarityLoss())(emb, labels), LoOpLoss(MultiSimilarityLoss())(emb, labels))
+
+
+def test_against_names_a_checkout_without_the_package(tmp_path):
+    with pytest.raises(SystemExit, match="has no pml_loop package"):
+        _bench().load_against(str(tmp_path))
