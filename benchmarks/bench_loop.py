@@ -9,7 +9,7 @@ Nothing here is a test: it prints ratios measured in one run, the variants
 interleaved round by round so that machine load hits each alike. ``--against``
 takes another checkout (e.g. ``git worktree add /tmp/before <commit>``) and
 times its LoOpLoss in the same process, interleaved with this one's, in the
-speed and train tables: on a machine whose speed drifts, two builds compare
+speed and train tables and the search pass of the parts table: on a machine whose speed drifts, two builds compare
 reliably only that way.
 
 Run it on a quiet machine (on 2 cores another busy process distorts everything).
@@ -27,8 +27,9 @@ Tables:
 - train: one training step of the glyph CNN (batch 128, m = 4), plain and
   LoOp-wrapped TripletMarginLoss and MultiSimilarityLoss;
 - parts: wall-clock split of a LoOp forward + backward (B = 128): the search
-  and gradient passes alone and inside the step, the wrapper's own cost, and
-  the fixed cost per call (B = 16);
+  and gradient passes alone and inside the step, the wrapper's own cost, the
+  search pass alone for B = 128, 512, 1024 (with ``--against``, both builds')
+  and the fixed cost per call (B = 16);
 - profile: the same under ``torch.profiler``, by ATen operation (B = 128).
 """
 from __future__ import annotations
@@ -147,7 +148,7 @@ def speed(quick: bool) -> None:
     for b in ((128, 256) if quick else (128, 256, 512, 1024)):
         emb, labels = batch(b // 4, 4)
         use = [n for n in names if not (n == "Triplet" and b > 512)]  # plain triplet: seconds at 1024
-        ratio_row(f"B = {b}, m = 4", emb, labels, use, max(3, reps * 128 // b))
+        ratio_row(f"B = {b}, m = 4", emb, labels, use, max(5, reps * 128 // b))
     for m in (2, 8):
         emb, labels = batch(128 // m, m)
         ratio_row(f"B = 128, m = {m}", emb, labels, names, reps)
@@ -309,11 +310,38 @@ def parts(quick: bool) -> None:
               f"wrapper {1e3 * (t['LoOp, passes cached'] - t['plain']):.2f} + search and gradient passes "
               f"{1e3 * passes:.2f} ms (alone, fastest of 400 calls: search {1e3 * alone['search']:.2f}, "
               f"gradient {1e3 * alone['gradient']:.2f} ms)", flush=True)
+    print("search pass alone, MultiSimilarity (median):", flush=True)
+    for b in (128, 512, 1024):
+        emb, labels = batch(b // 4, 4)
+        fns = {"this build": search_pass(LoOpLoss, emb, labels)}
+        if AGAINST is not None:
+            fns["--against build"] = search_pass(AGAINST, emb, labels)
+        t = median_times(fns, max(5, reps * 128 // b))
+        print(f"  B = {b}: " + ", ".join(f"{name} {1e3 * v:.2f} ms" for name, v in t.items()), flush=True)
     emb, labels = batch(4, 4)
     t = median_times({"plain": step(losses.MultiSimilarityLoss(), emb, labels),
                       "LoOp": step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)}, 5 * reps)
     print(f"fixed cost per call, MultiSimilarity, B = 16 (4 x 4): plain {1e3 * t['plain']:.2f} ms, "
           f"LoOp {1e3 * t['LoOp']:.2f} ms", flush=True)
+
+
+def search_pass(loss_cls, emb, labels):
+    """The search pass of ``loss_cls``'s build (this one or ``--against``) on
+    the inputs of one step, as a call without arguments."""
+    dist_mod = sys.modules[loss_cls.__module__.rsplit(".", 1)[0] + ".distance"]
+    original, seen = dist_mod.search_winners, []
+
+    def spy(*a, **k):
+        seen.append((a, k))
+        return original(*a, **k)
+
+    dist_mod.search_winners = spy
+    try:
+        step(loss_cls(losses.MultiSimilarityLoss()), emb, labels)()
+    finally:
+        dist_mod.search_winners = original
+    a, k = seen[0]
+    return lambda: original(*a, **k)
 
 
 def profile_table(quick: bool) -> None:
@@ -348,7 +376,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=["speed", "aten", "memory", "train", "parts", "profile"])
-    ap.add_argument("--against", metavar="CHECKOUT", help="also time this checkout's LoOpLoss (speed, train)")
+    ap.add_argument("--against", metavar="CHECKOUT", help="also time this checkout's LoOpLoss (speed, train, parts)")
     ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
