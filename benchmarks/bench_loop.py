@@ -90,9 +90,8 @@ def step(loss, emb, labels):
 
 def median_times(fns: dict, repeats: int) -> dict:
     """Median seconds of each function, called round by round (interleaved),
-    in a new order each round: a call runs faster right after one that used
-    memory of the same sizes (the allocator hands it back warm), so a fixed
-    order would favour whichever variant follows its twin."""
+    in a new order each round: a call's time depends on which call ran just
+    before it, and in a fixed order that decided a comparison of two builds."""
     for fn in fns.values():
         fn()  # warm-up (and the structure cache)
     times = {name: [] for name in fns}
