@@ -6,11 +6,12 @@
     python benchmarks/bench_loop.py --only speed train --against /tmp/before   # two builds
 
 Nothing here is a test: it prints ratios measured in one run, the variants
-interleaved round by round so that machine load hits each alike. ``--against``
-takes another checkout (e.g. ``git worktree add /tmp/before <commit>``) and
-times its LoOpLoss in the same process, interleaved with this one's, in the
-speed and train tables and the search pass of the parts table: on a machine whose speed drifts, two builds compare
-reliably only that way.
+interleaved round by round so that machine load hits each alike.
+``--against`` takes another checkout (e.g. ``git worktree add /tmp/before
+<commit>``) and times its LoOpLoss in the same process, interleaved with this
+one's, in the speed and train tables and for the search pass of the parts
+table: on a machine whose speed drifts, two builds compare reliably only
+that way.
 
 Run it on a quiet machine (on 2 cores another busy process distorts everything).
 
@@ -35,6 +36,7 @@ Tables:
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
 import random
@@ -70,6 +72,7 @@ def load_against(checkout: str):
     if not (src / "__init__.py").is_file():
         raise SystemExit(f"--against: {checkout} has no pml_loop package")
     root = Path(tempfile.mkdtemp(prefix="bench_against_"))
+    atexit.register(shutil.rmtree, root, True)
     shutil.copytree(src, root / "pml_loop_against", ignore=shutil.ignore_patterns("__pycache__", "*.npz"))
     sys.path.insert(0, str(root))
     return importlib.import_module("pml_loop_against").LoOpLoss

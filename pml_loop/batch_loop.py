@@ -292,20 +292,16 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     out = (torch.arange(n_q, device=device, dtype=torch.int32)[:, None].repeat(1, n_r),
            torch.arange(n_r, device=device, dtype=torch.int32)[None, :].repeat(n_q, 1))
 
-    def merge(row: Group, col: Group, scores: Tensor, symmetric: bool = False) -> None:
-        val, p, q = _reduce_block(scores, row, col, symmetric)
-        at = (_samples(row, n_q, device)[:, None], _samples(col, n_r, device)[None, :])
-        current = best[at]
-        better = val > current
-        best[at] = torch.where(better, val, current)
-        for o, n in zip(out, (p, q)):
-            o[at] = torch.where(better, n, o[at])
-
-    def write(row: Group, col: Group, results: tuple[Tensor, Tensor, Tensor]) -> None:
+    def settle(row: Group, col: Group, results: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Enter a block's best values and partners: written where each entry
+        lies in one block only (``plan.disjoint``), else kept where better."""
         if row.span is not None and col.span is not None:
             at = (slice(*row.span), slice(*col.span))
         else:
             at = (_samples(row, n_q, device)[:, None], _samples(col, n_r, device)[None, :])
+        if not plan.disjoint:
+            better = results[0] > best[at]
+            results = tuple(torch.where(better, new, old[at]) for new, old in zip(results, (best, *out)))
         for target, value in zip((best, *out), results):
             target[at] = value
 
@@ -316,16 +312,10 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
             diagonal = plan.symmetric and c == r
             scores = block_values(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry,
                                   diagonal)
-            if not plan.disjoint:
-                merge(row, col, scores, diagonal)
-                if plan.symmetric and c > r:
-                    merge(col, row, scores.T)  # LoOp is symmetric in the two pairs
-                continue
-            # Each entry lies in one block: its best is the block's.
             val, p, q = _reduce_block(scores, row, col, diagonal)
-            write(row, col, (val, p, q))
+            settle(row, col, (val, p, q))
             if plan.symmetric and c > r:  # entry (j, i) is entry (i, j) with its two pairs swapped
-                write(col, row, (val.T, q.T, p.T))
+                settle(col, row, (val.T, q.T, p.T))
     return Winners(*out, measure_of_score(best, geometry))
 
 
