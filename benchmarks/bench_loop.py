@@ -28,7 +28,8 @@ Tables:
 - train: one training step of the glyph CNN (batch 128, m = 4), plain and
   LoOp-wrapped TripletMarginLoss and MultiSimilarityLoss;
 - parts: wall-clock split of a LoOp forward + backward (B = 128): the search
-  and gradient passes alone and inside the step, the wrapper's own cost, the
+  and gradient passes inside the step and alone (interleaved with the steps,
+  and back to back), the wrapper's own cost, the
   search pass alone for B = 128, 512, 1024 (with ``--against``, both builds')
   and the fixed cost per call (B = 16);
 - profile: the same under ``torch.profiler``, by ATen operation (B = 128).
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import importlib
 import json
 import random
@@ -300,18 +302,22 @@ def parts(quick: bool) -> None:
     for name in ("MultiSimilarity", "Triplet"):
         emb, labels = batch(32, 4)
         loop = step(LoOpLoss(LOSSES[name]()), emb, labels)
-        t = median_times({"plain": step(LOSSES[name](), emb, labels), "LoOp": loop,
-                          "LoOp, passes cached": without_passes(loop)}, reps)
-        alone = {}
+        without = without_passes(loop)
+        without()
+        calls = {}
         for part, fn in (("search", originals[0]), ("gradient", originals[1])):
             a, k, _ = captured[part]
             a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in a)
-            alone[part] = min_time(lambda: fn(*a, **k), 400)
+            calls[part] = functools.partial(fn, *a, **k)
+        alone = {part: min_time(call, 400) for part, call in calls.items()}
+        t = median_times({"plain": step(LOSSES[name](), emb, labels), "LoOp": loop, "LoOp, passes cached": without,
+                          "passes alone": lambda: [call() for call in calls.values()]}, reps)
         passes = t["LoOp"] - t["LoOp, passes cached"]
         print(f"{name}, B = 128: plain {1e3 * t['plain']:.2f} ms, LoOp {1e3 * t['LoOp']:.2f} ms = "
               f"wrapper {1e3 * (t['LoOp, passes cached'] - t['plain']):.2f} + search and gradient passes "
-              f"{1e3 * passes:.2f} ms (alone, fastest of 400 calls: search {1e3 * alone['search']:.2f}, "
-              f"gradient {1e3 * alone['gradient']:.2f} ms)", flush=True)
+              f"{1e3 * passes:.2f} ms; the passes alone, on the same inputs: {1e3 * t['passes alone']:.2f} ms "
+              f"interleaved with the steps (median), search {1e3 * alone['search']:.2f} + gradient "
+              f"{1e3 * alone['gradient']:.2f} ms called back to back (fastest of 400)", flush=True)
     print("search pass alone, MultiSimilarity (median):", flush=True)
     for b in (128, 512, 1024):
         emb, labels = batch(b // 4, 4)
