@@ -158,14 +158,17 @@ class SearchPlan(NamedTuple):
 
     symmetric: one set cut alike on both sides; only the blocks on and above
     the diagonal are searched, each also serving its mirror image.
-    disjoint: no sample owns pairs in two groups of a side (no class is split),
-    so each entry is settled by one block and written, not merged.
     """
 
     rows: list[Group]
     cols: list[Group]
     symmetric: bool = False
-    disjoint: bool = True
+
+    @property
+    def disjoint(self) -> bool:
+        """No sample owns pairs in two groups of a side (no class is split), so
+        each entry is settled by one block and written, not merged."""
+        return all(g.whole for g in self.rows) and all(g.whole for g in self.cols)
 
 
 def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> SearchPlan:
@@ -174,7 +177,7 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
     if table_q is table_r and kq * kr > chunk_elements:
         # LoOp is symmetric: cut both sides alike and search half the blocks.
         groups = class_groups(table_q, max(1, int(chunk_elements**0.5)))
-        return SearchPlan(groups, groups, len(groups) > 1, _disjoint(groups))
+        return SearchPlan(groups, groups, len(groups) > 1)
     if kr * min(kq, 16) <= chunk_elements:
         col_limit = kr  # full rows of the grid: fewest blocks
     else:
@@ -182,14 +185,7 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
     cols = class_groups(table_r, col_limit)
     width = max(g.stop - g.start for g in cols)
     rows = class_groups(table_q, max(1, chunk_elements // width))
-    return SearchPlan(rows, cols, False, _disjoint(rows) and _disjoint(cols))
-
-
-def _disjoint(groups: list[Group]) -> bool:
-    if len(groups) == 1:
-        return True
-    samples = torch.cat([g.samples for g in groups])
-    return len(torch.unique(samples)) == len(samples)
+    return SearchPlan(rows, cols)
 
 
 # -- pass 1: search ----------------------------------------------------------------
@@ -292,17 +288,21 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     out = (torch.arange(n_q, device=device, dtype=torch.int32)[:, None].repeat(1, n_r),
            torch.arange(n_r, device=device, dtype=torch.int32)[None, :].repeat(n_q, 1))
 
+    disjoint = plan.disjoint
+
     def settle(row: Group, col: Group, results: tuple[Tensor, Tensor, Tensor]) -> None:
         """Enter a block's best values and partners: written where each entry
-        lies in one block only (``plan.disjoint``), else kept where better."""
+        lies in one block only (``disjoint``), else kept where better."""
         if row.span is not None and col.span is not None:
             at = (slice(*row.span), slice(*col.span))
         else:
             at = (_samples(row, n_q, device)[:, None], _samples(col, n_r, device)[None, :])
-        if not plan.disjoint:
-            better = results[0] > best[at]
-            results = tuple(torch.where(better, new, old[at]) for new, old in zip(results, (best, *out)))
-        for target, value in zip((best, *out), results):
+        targets = (best, *out)
+        if not disjoint:
+            current = [t[at] for t in targets]
+            better = results[0] > current[0]
+            results = tuple(torch.where(better, new, old) for new, old in zip(results, current))
+        for target, value in zip(targets, results):
             target[at] = value
 
     for r, row in enumerate(plan.rows):

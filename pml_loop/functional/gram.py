@@ -76,12 +76,6 @@ def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) ->
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def best_in_groups(groups: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Largest value and its index over candidates given in groups ``(k_g, *S)``
-    (indices run on across groups): :func:`first_max` of them stacked."""
-    return first_max(torch.cat(groups))
-
-
 def first_max(values: Tensor) -> tuple[Tensor, Tensor]:
     """The largest of ``values`` ``(k, *S)`` along dim 0 and the first index
     holding it, each ``S`` (on a GPU any of tied ones: tied candidates are
@@ -111,6 +105,6 @@ def take(x: Tensor, index: Tensor) -> Tensor:
 
 def scatter_add(x: Tensor, index: Tensor, values: Tensor) -> None:
     """Add ``values`` to the entries of ``x`` (flattened, contiguous) at
-    ``index`` (any integer dtype), in place (``index_add_`` on the flat view; ``scatter_add_`` is
-    about 1.5 times as fast on the CPU)."""
+    ``index`` (any integer dtype), in place: ``scatter_add_`` on the flat
+    view, about 1.5 times as fast on the CPU as ``index_add_``."""
     x.view(-1).scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))

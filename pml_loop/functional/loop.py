@@ -21,13 +21,12 @@ from torch import Tensor
 from .arcs import (
     arc_angles,
     arc_candidate_cosines,
-    arc_candidate_groups,
     arc_candidate_weights,
     arc_cosine,
     arc_squared_chord,
     arc_terms,
 )
-from .gram import PairWeights, QuadGram, best_in_groups, quad_gram
+from .gram import PairWeights, QuadGram, first_max, quad_gram
 from .segments import measure_raw_segment, segment_candidates, segment_squared_distance, segment_weights
 
 Geometry = Literal["segment", "arc", "dot"]
@@ -57,10 +56,10 @@ def candidate_scores(q: QuadGram, geometry: Geometry) -> Tensor:
 @torch.no_grad()
 def best_candidate(q: QuadGram, geometry: Geometry) -> tuple[Tensor, Tensor]:
     """The best of :func:`candidate_scores` and which candidate it is, each of
-    the broadcast shape of ``q`` (without building all scores at once for arcs)."""
-    if geometry == "arc":
-        return best_in_groups(arc_candidate_groups(q.g12, q.g34, q.g13, q.g14, q.g23, q.g24))
-    return candidate_scores(q, geometry).max(0)
+    the broadcast shape of ``q`` (for arcs the first of tied ones on the CPU,
+    see :func:`~pml_loop.functional.gram.first_max`)."""
+    scores = candidate_scores(q, geometry)
+    return first_max(scores) if geometry == "arc" else scores.max(0)
 
 
 @torch.no_grad()
