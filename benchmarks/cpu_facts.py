@@ -4,7 +4,8 @@
 
 Prints (2 torch threads, fastest of many calls unless said otherwise):
 - an elementwise operation with a transposed operand against contiguous ones;
-- the gradient pass's flat positions computed in int32 and in int64;
+- the gradient pass's flat positions computed in int32 and in int64, and a
+  float index cast to each (as ``first_max`` returns it);
 - page faults and time of the LoOp search inside a multi-similarity step, in
   a fresh process (small allocations only) and in one that has freed a 16 MB
   block first, as a training step with larger activations does (each case in
@@ -39,6 +40,9 @@ def layouts() -> None:
         i, p = (torch.randint(0, n, (count,), dtype=dtype) for _ in range(2))
         t = fastest(lambda: torch.stack((i, i, p, p, i, p)).mul_(n).add_(torch.stack((p, i, i, p, p, i))))
         print(f"six flat positions of {count} entries in {str(dtype)[6:]}: {t:.1f} us")
+    ranks = torch.randint(0, 3, (n, n)).float()
+    for dtype in (torch.int64, torch.int32):
+        print(f"a {n} x {n} float index cast to {str(dtype)[6:]}: {fastest(lambda: ranks.to(dtype)):.1f} us")
 
 
 def search_child(warm: bool) -> None:

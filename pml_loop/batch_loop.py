@@ -94,9 +94,12 @@ class Group(NamedTuple):
     """A contiguous range of one set's pairs and the samples that own them.
 
     samples: ``(s,)`` sample indices, or ``None`` for every sample of the set.
-    slots:   ``(s, deg)`` each sample's owned pairs as offsets in the range;
+    slots:   ``(deg, s)`` each sample's owned pairs as offsets in the range;
              ``stop - start`` (a padding row/column) for pairs outside it.
-    partner: ``(s, deg)`` rows of the table's (see :class:`PairTable`).
+    partner: ``(deg, s)`` the table's partners of those pairs (see
+             :class:`PairTable`). Both are stored slot-major and contiguous:
+             the search selects rows by them and reads winners off them by
+             flat position.
     whole:   every pair of these samples lies in the range (no padding).
     label:   the class of the range when it holds a single class, else ``None``.
     span:    ``(a, b)`` when the samples are exactly ``a, a + 1, ..., b - 1``
@@ -137,7 +140,8 @@ def class_groups(table: PairTable, limit: int) -> list[Group]:
     if classes:
         spans.append((start, stop, classes, False))
     if len(spans) == 1:
-        return [Group(0, table.num_pairs, None, table.owned, table.partner, True, None, (0, len(table.owned)))]
+        return [Group(0, table.num_pairs, None, table.owned.T.int().contiguous(), table.partner.T.contiguous(),
+                      True, None, (0, len(table.owned)))]
     pair_labels = table.labels.tolist()
     return [_group(table, a, b, pair_labels[a] if k == 1 else None, split) for a, b, k, split in spans]
 
@@ -149,8 +153,8 @@ def _group(table: PairTable, start: int, stop: int, label: int | None, split: bo
     whole = not split and not bool(outside.any())
     first, last = samples[[0, -1]].tolist()
     span = (first, last + 1) if last - first + 1 == len(samples) else None
-    return Group(start, stop, samples, slots.masked_fill(outside, stop - start),
-                 table.partner[samples], whole, label, span)
+    return Group(start, stop, samples, slots.masked_fill(outside, stop - start).T.int().contiguous(),
+                 table.partner[samples].T.contiguous(), whole, label, span)
 
 
 class SearchPlan(NamedTuple):
@@ -247,15 +251,30 @@ def _reduce_block(scores: Tensor, row: Group, col: Group, symmetric: bool = Fals
     """
     if not row.whole:  # a padding row for the pairs outside the block
         scores = _pad(scores, 0, float("-inf"))
-    val, q_slot = first_max(_select(scores, 0, row.slots.T))  # (deg_q, s_q, C) -> (s_q, C)
+    # Flat positions below are at most (row samples) x C <= 2 R C.
+    dtype = torch.int32 if 2 * scores.numel() < 2**31 else torch.int64
+    val, q_slot = first_max(_select(scores, 0, row.slots), dtype)  # (deg_q, s_q, C) -> (s_q, C)
     val = val.T.contiguous()
     if not col.whole:
         val = _pad(val, 0, float("-inf"))
-    val, r_slot = first_max(_select(val, 0, col.slots.T))  # (deg_r, s_r, s_q) -> (s_r, s_q)
-    column = col.slots.gather(1, r_slot).clamp_max_(q_slot.shape[1] - 1)  # the winning pair of j, in the block
-    p = row.partner.T.gather(0, q_slot.T.gather(0, column))  # i's partner in the slot that won against it
-    q = col.partner.gather(1, r_slot)
+    val, r_slot = first_max(_select(val, 0, col.slots), dtype)  # (deg_r, s_r, s_q) -> (s_r, s_q)
+    # Winners are read off flat positions (slot * s + sample) with takes: on
+    # the CPU a gather costs several times an index_select.
+    (s_r, s_q), width = val.shape, q_slot.shape[1]
+    at = r_slot.mul_(s_r).add_(_positions(s_r, dtype, val.device).unsqueeze(1))
+    q = take(col.partner, at)
+    column = take(col.slots, at).to(dtype)  # j's winning pair, in the block
+    if not col.whole:
+        column.clamp_max_(width - 1)
+    i = _positions(s_q, dtype, val.device)
+    slot = take(q_slot, column.add_(i * width))  # the slot of i's pair that won against it
+    p = take(row.partner, slot.mul_(s_q).add_(i))
     return (val, q, p) if symmetric else (val.T, p.T, q.T)
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(n: int, dtype: torch.dtype, device) -> Tensor:
+    return torch.arange(n, dtype=dtype, device=device)
 
 
 class Winners(NamedTuple):

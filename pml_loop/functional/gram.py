@@ -76,24 +76,27 @@ def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) ->
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def first_max(values: Tensor) -> tuple[Tensor, Tensor]:
+def first_max(values: Tensor, index_dtype: torch.dtype = torch.int64) -> tuple[Tensor, Tensor]:
     """The largest of ``values`` ``(k, *S)`` along dim 0 and the first index
-    holding it, each ``S`` (on a GPU any of tied ones: tied candidates are
-    equally optimal points).
+    holding it (of ``index_dtype``), each ``S`` (on a GPU any of tied ones:
+    tied candidates are equally optimal points).
 
     On the CPU the maximum, then the first row equal to it found with a float
     comparison: there ``max(0)`` with indices costs two to five times this,
     and comparisons into boolean tensors several times float ones (torch
     2.13, measured). On a GPU, where each pass is a kernel launch, one
-    ``max(0)``.
+    ``max(0)``. Callers that compute positions from the index ask for int32:
+    on the CPU, int64 arithmetic and float-to-int64 casts cost about four
+    times their int32 forms (``benchmarks/cpu_facts.py``).
     """
     if values.device.type != "cpu":
-        return values.max(0)
+        best, index = values.max(0)
+        return best, index.to(index_dtype)
     best = values.amax(0)
     k = values.shape[0]
     hit = torch.eq(values, best, out=torch.empty_like(values))
     rank = constant(tuple(range(k, 0, -1)), values.dtype, values.device).view(k, *[1] * best.ndim)
-    return best, (k - hit.mul_(rank).amax(0)).long()
+    return best, torch.rsub(hit.mul_(rank).amax(0), k).to(index_dtype)
 
 
 def take(x: Tensor, index: Tensor) -> Tensor:

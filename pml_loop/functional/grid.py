@@ -148,7 +148,8 @@ def arc_entry_optimum(fields: Tensor) -> tuple[Tensor, Tensor]:
     m22 = torch.addcmul(w2[0, 1], w2[0, 0], nc_q).mul_(inv_s[1])
     edges = _edge_values(w1, w2, s.unsqueeze(1), neg_c.unsqueeze(1))
     interior, u1, u2, v1, v2 = _interior(fields[2], w2[0, 0], w2[1, 0], m22, s_q, nc_q, s_r, nc_r)
-    cos, which = first_max(torch.cat((fields[2:], edges.view(4, n), interior.unsqueeze(0))))  # corners, edges, interior
+    candidates = torch.cat((fields[2:], edges.view(4, n), interior.unsqueeze(0)))  # corners, edges, interior
+    cos, which = first_max(candidates, torch.int32)
     return cos, _unit_weights(w1, w2, torch.stack((v1, u1, v2, u2)).view(2, 2, n), which, c, neg_c, inv_s)
 
 
@@ -170,7 +171,7 @@ def _unit_weights(w1: Tensor, w2: Tensor, interior: Tensor, which: Tensor, c: Te
     torch.addcmul(interior[0], options[1, :, 4], neg_c, out=options[0, :, 4])
     # Each arc's chosen option, as a column of options viewed as (2, 10 N)
     # (int32 positions: twice as fast to compute on the CPU as int64).
-    at = take(constant(_OPTION_OF_CANDIDATE, torch.int32, which.device), which.int().unsqueeze(0)
+    at = take(constant(_OPTION_OF_CANDIDATE, torch.int32, which.device), which.unsqueeze(0)
               + constant(((0,), (9,)), torch.int32, which.device))
     at.mul_(n).add_(torch.arange(n, dtype=torch.int32, device=which.device))
     w = options.view(2, 10 * n).index_select(1, at.view(-1)).view(2, 2, n)
