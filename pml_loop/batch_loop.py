@@ -452,10 +452,11 @@ def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, 
     n_q, n_r = g.qr.shape
     partials = maybe_compiled(_arc_partials, compile)
     # Flat positions of j.q, i.p, i.j, i.q, p.j, p.q: rows of n_r, but i.p in
-    # the query block (rows of n_q) when the sets differ.
-    lengths = ((n_r,),) * 6 if d.same_set else ((n_r,), (n_q,)) + ((n_r,),) * 4
-    rows = torch.stack((j, i, i, i, p, p))
-    at = rows.mul_(constant(lengths, rows.dtype, rows.device)).add_(torch.stack((q, p, j, q, j, q)))
+    # the query block (rows of n_q) when the sets differ. Written into one
+    # buffer: stacking the operands first costs more than the arithmetic.
+    at = torch.empty(6, i.shape[0], dtype=i.dtype, device=i.device)
+    for k, (row, col) in enumerate(((j, q), (i, p), (i, j), (i, q), (p, j), (p, q))):
+        torch.add(col, row, alpha=n_q if k == 1 and not d.same_set else n_r, out=at[k])
     if d.same_set:
         scatter_add(d.qr, at, partials(take(g.qr, at), grad))
         return
@@ -541,15 +542,17 @@ class _LoOpEntries(torch.autograd.Function):
         loop = torch.maximum(loop, base) if inverted else torch.minimum(loop, base)
         ctx.same_set = qq is rr and rr is qr
         ctx.settings = (winners, geometry, chunk_elements, compile)
-        ctx.save_for_backward(qq, rr, qr, neg, slope)
+        # The mask as 0 / 1 values: in the backward, products with it cost a
+        # fraction of a select or a masked fill on boolean masks (CPU).
+        neg_values = neg.to(base.dtype)
+        ctx.save_for_backward(qq, rr, qr, neg_values, slope.mul_(neg_values))
         return torch.where(neg, loop, base)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qq, rr, qr, neg, slope = ctx.saved_tensors
-        grad_measure = torch.where(neg, grad_out * slope, 0)
-        d = _winners_grad(qq, rr, qr, ctx.same_set, *ctx.settings, grad_measure)
-        grad_base = grad_out.masked_fill(neg, 0)
+        qq, rr, qr, neg_values, neg_slope = ctx.saved_tensors
+        d = _winners_grad(qq, rr, qr, ctx.same_set, *ctx.settings, grad_out * neg_slope)
+        grad_base = torch.addcmul(grad_out, grad_out, neg_values, value=-1)
         if ctx.same_set:
             return grad_base, None, None, d.qr, None, None, None, None, None, None, None
         return grad_base, d.qq, d.rr, d.qr, None, None, None, None, None, None, None
