@@ -94,12 +94,12 @@ class Group(NamedTuple):
     """A contiguous range of one set's pairs and the samples that own them.
 
     samples: ``(s,)`` sample indices, or ``None`` for every sample of the set.
-    slots:   ``(deg, s)`` each sample's owned pairs as offsets in the range;
-             ``stop - start`` (a padding row/column) for pairs outside it.
-    partner: ``(deg, s)`` the table's partners of those pairs (see
-             :class:`PairTable`). Both are stored slot-major and contiguous:
-             the search selects rows by them and reads winners off them by
-             flat position.
+    slots:   ``(deg, s)`` int32, each sample's owned pairs as offsets in the
+             range; ``stop - start`` (a padding row/column) for pairs outside it.
+    partner: ``(deg, s)`` int32, the other end of each of those pairs (see
+             :class:`PairTable`). Both slot-major: the search selects rows by
+             the slots and reads a winner's pair and partner off its flat
+             position.
     whole:   every pair of these samples lies in the range (no padding).
     label:   the class of the range when it holds a single class, else ``None``.
     span:    ``(a, b)`` when the samples are exactly ``a, a + 1, ..., b - 1``
@@ -114,6 +114,10 @@ class Group(NamedTuple):
     whole: bool
     label: int | None
     span: tuple[int, int] | None
+
+
+def _slot_major(owned: Tensor) -> Tensor:
+    return owned.T.int().contiguous()
 
 
 def class_groups(table: PairTable, limit: int) -> list[Group]:
@@ -140,8 +144,8 @@ def class_groups(table: PairTable, limit: int) -> list[Group]:
     if classes:
         spans.append((start, stop, classes, False))
     if len(spans) == 1:
-        return [Group(0, table.num_pairs, None, table.owned.T.int().contiguous(), table.partner.T.contiguous(),
-                      True, None, (0, len(table.owned)))]
+        return [Group(0, table.num_pairs, None, _slot_major(table.owned), _slot_major(table.partner), True, None,
+                      (0, len(table.owned)))]
     pair_labels = table.labels.tolist()
     return [_group(table, a, b, pair_labels[a] if k == 1 else None, split) for a, b, k, split in spans]
 
@@ -153,8 +157,8 @@ def _group(table: PairTable, start: int, stop: int, label: int | None, split: bo
     whole = not split and not bool(outside.any())
     first, last = samples[[0, -1]].tolist()
     span = (first, last + 1) if last - first + 1 == len(samples) else None
-    return Group(start, stop, samples, slots.masked_fill(outside, stop - start).T.int().contiguous(),
-                 table.partner[samples].T.contiguous(), whole, label, span)
+    return Group(start, stop, samples, _slot_major(slots.masked_fill(outside, stop - start)),
+                 _slot_major(table.partner[samples]), whole, label, span)
 
 
 class SearchPlan(NamedTuple):
@@ -261,20 +265,21 @@ def _reduce_block(scores: Tensor, row: Group, col: Group, symmetric: bool = Fals
     # Winners are read off flat positions (slot * s + sample) with takes: on
     # the CPU a gather costs several times an index_select.
     (s_r, s_q), width = val.shape, q_slot.shape[1]
-    at = r_slot.mul_(s_r).add_(_positions(s_r, dtype, val.device).unsqueeze(1))
-    q = take(col.partner, at)
-    column = take(col.slots, at).to(dtype)  # j's winning pair, in the block
+    at = r_slot.mul_(s_r).add_(_steps(s_r, 1, dtype, val.device).unsqueeze(1))
+    column, q = take(col.slots, at), take(col.partner, at)  # j's winning pair in the block, and partner
+    if column.dtype != dtype:
+        column = column.to(dtype)
     if not col.whole:
         column.clamp_max_(width - 1)
-    i = _positions(s_q, dtype, val.device)
-    slot = take(q_slot, column.add_(i * width))  # the slot of i's pair that won against it
-    p = take(row.partner, slot.mul_(s_q).add_(i))
+    slot = take(q_slot, column.add_(_steps(s_q, width, dtype, val.device)))  # the slot of i's pair that won against it
+    p = take(row.partner, slot.mul_(s_q).add_(_steps(s_q, 1, dtype, val.device)))
     return (val, q, p) if symmetric else (val.T, p.T, q.T)
 
 
 @functools.lru_cache(maxsize=16)
-def _positions(n: int, dtype: torch.dtype, device) -> Tensor:
-    return torch.arange(n, dtype=dtype, device=device)
+def _steps(n: int, step: int, dtype: torch.dtype, device) -> Tensor:
+    """``0, step, ..., (n - 1) step``, kept for the next batch of the same shape."""
+    return torch.arange(0, n * step, step, dtype=dtype, device=device)
 
 
 class Winners(NamedTuple):
@@ -452,11 +457,10 @@ def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, 
     n_q, n_r = g.qr.shape
     partials = maybe_compiled(_arc_partials, compile)
     # Flat positions of j.q, i.p, i.j, i.q, p.j, p.q: rows of n_r, but i.p in
-    # the query block (rows of n_q) when the sets differ. Written into one
-    # buffer: stacking the operands first costs more than the arithmetic.
-    at = torch.empty(6, i.shape[0], dtype=i.dtype, device=i.device)
-    for k, (row, col) in enumerate(((j, q), (i, p), (i, j), (i, q), (p, j), (p, q))):
-        torch.add(col, row, alpha=n_q if k == 1 and not d.same_set else n_r, out=at[k])
+    # the query block (rows of n_q) when the sets differ.
+    lengths = ((n_r,),) * 6 if d.same_set else ((n_r,), (n_q,)) + ((n_r,),) * 4
+    rows = torch.stack((j, i, i, i, p, p))
+    at = rows.mul_(constant(lengths, rows.dtype, rows.device)).add_(torch.stack((q, p, j, q, j, q)))
     if d.same_set:
         scatter_add(d.qr, at, partials(take(g.qr, at), grad))
         return
