@@ -94,6 +94,8 @@ class Group(NamedTuple):
     """A contiguous range of one set's pairs and the samples that own them.
 
     samples: ``(s,)`` sample indices, or ``None`` for every sample of the set.
+    ends:    ``(R, 2)`` the ends of its pairs (sample indices of the set).
+    local:   ``(R, 2)`` the same as positions in ``samples``.
     slots:   ``(deg, s)`` int32, each sample's owned pairs as offsets in the
              range; ``stop - start`` (a padding row/column) for pairs outside it.
     partner: ``(deg, s)`` int32, the other end of each of those pairs (see
@@ -109,6 +111,8 @@ class Group(NamedTuple):
     start: int
     stop: int
     samples: Tensor | None
+    ends: Tensor
+    local: Tensor
     slots: Tensor
     partner: Tensor
     whole: bool
@@ -144,21 +148,23 @@ def class_groups(table: PairTable, limit: int) -> list[Group]:
     if classes:
         spans.append((start, stop, classes, False))
     if len(spans) == 1:
-        return [Group(0, table.num_pairs, None, _slot_major(table.owned), _slot_major(table.partner), True, None,
-                      (0, len(table.owned)))]
+        return [Group(0, table.num_pairs, None, table.ends, table.ends, _slot_major(table.owned),
+                      _slot_major(table.partner), True, None, (0, len(table.owned)))]
     pair_labels = table.labels.tolist()
     return [_group(table, a, b, pair_labels[a] if k == 1 else None, split) for a, b, k, split in spans]
 
 
 def _group(table: PairTable, start: int, stop: int, label: int | None, split: bool) -> Group:
-    samples = torch.unique(table.ends[start:stop].reshape(-1))
+    ends = table.ends[start:stop]
+    samples = torch.unique(ends.reshape(-1))
     slots = table.owned[samples] - start
     outside = (slots < 0) | (slots >= stop - start)
     whole = not split and not bool(outside.any())
     first, last = samples[[0, -1]].tolist()
     span = (first, last + 1) if last - first + 1 == len(samples) else None
-    return Group(start, stop, samples, _slot_major(slots.masked_fill(outside, stop - start)),
-                 _slot_major(table.partner[samples]), whole, label, span)
+    return Group(start, stop, samples, ends, torch.searchsorted(samples, ends),
+                 _slot_major(slots.masked_fill(outside, stop - start)), _slot_major(table.partner[samples]), whole,
+                 label, span)
 
 
 class SearchPlan(NamedTuple):
@@ -197,19 +203,24 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
 
 
 # -- pass 1: search ----------------------------------------------------------------
-def _block_values(g: GramBlocks, ends_q: Tensor, ends_r: Tensor, geometry: Geometry, symmetric: bool = False) -> Tensor:
-    """``(R, C)``: the optimum of R query pairs against C reference pairs as a
-    score, larger is better (the cosine, the dot product, or minus the squared
-    distance: see :func:`measure_of_score`). ``symmetric``: the two lists of
-    pairs are one, within one set."""
+def _block_values(g: GramBlocks, row: Group, col: Group, geometry: Geometry, symmetric: bool = False) -> Tensor:
+    """``(R, C)``: the optimum of the R query pairs of ``row`` against the C
+    reference pairs of ``col`` as a score, larger is better (the cosine, the
+    dot product, or minus the squared distance: see :func:`measure_of_score`).
+    ``symmetric``: the two groups are one, within one set."""
+    ends_q, ends_r = row.ends, col.ends
+    if geometry == "arc":
+        # The groups' samples against each other (arcs are searched per sample and pair).
+        cross = g.qr if row.samples is None else g.qr.index_select(0, row.samples)
+        if col.samples is not None:
+            cross = cross.index_select(1, col.samples)
+        if symmetric:
+            own = _pair_gram(cross, row.local)
+            return arc_grid_values(cross, own, own, True, row.local)
+        return arc_grid_values(cross, _pair_gram(g.qq, ends_q), _pair_gram(g.rr, ends_r), False, row.local, col.local)
     rows = ends_q.T.reshape(-1)  # first ends, then second ends
     cols = rows if symmetric else ends_r.T.reshape(-1)
     cross = g.qr.index_select(0, rows).index_select(1, cols)  # (2R, 2C): one gather for all
-    if geometry == "arc":
-        if symmetric:  # each pair's own inner product is on a diagonal of the cross block
-            own = cross[:len(ends_q), len(ends_q):].diagonal()
-            return arc_grid_values(cross, own, own, True)
-        return arc_grid_values(cross, _pair_gram(g.qq, ends_q), _pair_gram(g.rr, ends_r))
     if geometry == "dot":
         return dot_grid_values(cross)
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
@@ -302,7 +313,7 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     block_values = maybe_compiled(_block_values, compile)
     if plan.rows[0].samples is None and plan.cols[0].samples is None:  # one block: no merging
         symmetric = table_q is table_r and g.same_set
-        scores = block_values(g, table_q.ends, table_r.ends, geometry, symmetric)
+        scores = block_values(g, plan.rows[0], plan.cols[0], geometry, symmetric)
         best, p, q = _reduce_block(scores, plan.rows[0], plan.cols[0], symmetric)
         return Winners(p.contiguous(), q.contiguous(), measure_of_score(best.contiguous(), geometry))
     # Entries no block reaches (one class on both sides) keep the corner (i, j),
@@ -334,8 +345,7 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
             if (plan.symmetric and c < r) or (row.label is not None and row.label == col.label):
                 continue  # the mirror of a searched block, or one class on both sides
             diagonal = plan.symmetric and c == r
-            scores = block_values(g, table_q.ends[row.start:row.stop], table_r.ends[col.start:col.stop], geometry,
-                                  diagonal)
+            scores = block_values(g, row, col, geometry, diagonal)
             val, p, q = _reduce_block(scores, row, col, diagonal)
             settle(row, col, (val, p, q))
             if plan.symmetric and c > r:  # entry (j, i) is entry (i, j) with its two pairs swapped

@@ -70,9 +70,9 @@ def _record_blocks(monkeypatch):
     import pml_loop.batch_loop as bl
     blocks = []
     original = bl._block_values
-    def spy(g, ends_q, ends_r, geometry, *rest):
-        blocks.append((len(ends_q), len(ends_r)))
-        return original(g, ends_q, ends_r, geometry, *rest)
+    def spy(g, row, col, geometry, *rest):
+        blocks.append((len(row.ends), len(col.ends)))
+        return original(g, row, col, geometry, *rest)
     monkeypatch.setattr(bl, "_block_values", spy)
     return blocks
 

@@ -49,6 +49,26 @@ def test_symmetric_grid_is_the_plain_one(d):
     assert (arc_grid_values(cross, c, c, symmetric=True) - plain).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_arc_grid_per_sample_is_the_per_end_one(symmetric):
+    """Pairs sharing samples, as a class's pairs do (and points): the grid from
+    the samples' inner products and the pairs' ends as positions in them is
+    the grid from the ends' inner products, to the bit."""
+    g = torch.Generator().manual_seed(7)
+    xa = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
+    xb = xa if symmetric else F.normalize(torch.randn(5, 5, generator=g, dtype=torch.float64), dim=1)
+    ends_a = torch.tensor([[0, 1], [0, 2], [1, 2], [3, 4], [5, 5], [3, 3]])
+    ends_b = ends_a if symmetric else torch.tensor([[0, 1], [2, 3], [1, 3], [4, 4]])
+    cross = xa @ xb.T
+    c_a, c_b = (cross.new_tensor([(x[e[0]] * x[e[1]]).sum() for e in ends])
+                for x, ends in ((xa, ends_a), (xb, ends_b)))
+    per_end = cross[ends_a.T.reshape(-1)][:, ends_b.T.reshape(-1)]  # (2R, 2C)
+    want = arc_grid_values(per_end, c_a, c_b, symmetric)
+    got = arc_grid_values(cross, c_a, c_b, symmetric, ends_a, None if symmetric else ends_b)
+    assert torch.equal(got, want)
+    assert got.shape == (len(ends_a), len(ends_b))
+
+
 @pytest.mark.parametrize("d", [1, 2, 3, 7])
 def test_segment_grid_matches_brute_force(d):
     a, b = _pairs(3, 8, d, False), _pairs(4, 7, d, False)

@@ -6,12 +6,14 @@ is worked out later for the few winning combinations (see ``batch_loop``).
 On the CPU and on a GPU alike the cost of an elementwise pass over a grid of
 10^4 - 10^5 combinations is mostly its launch, so these functions are written
 for the fewest passes: the four corners are views of one gathered Gram block,
-edges are computed two at a time, and infeasible candidates are pushed below
-every value by arithmetic rather than by masks and selects.
+edges are computed two at a time (for arcs, once per sample rather than per
+pair end), and infeasible candidates are pushed below every value by
+arithmetic rather than by masks and selects.
 
 Inputs: ``cross`` ``(2R, 2C)``, the inner products of the pairs' ends
 ``[x1 of each first pair; x2 of each]`` against ``[x3 of each second pair; x4
-of each]``, and per pair the inner products of its own ends.
+of each]`` (for arcs, optionally the samples' inner products and each pair's
+ends as positions in them), and per pair the inner products of its own ends.
 """
 from __future__ import annotations
 
@@ -71,45 +73,67 @@ def _interior(m11: Tensor, m12: Tensor, m21: Tensor, m22: Tensor, s_q: Tensor, n
     return sigma.add_(inside.sub_(1), alpha=2), u1, u2, v1, v2
 
 
-def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = False) -> Tensor:
+def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = False,
+                    ends_q: Tensor | None = None, ends_r: Tensor | None = None) -> Tensor:
     """``(R, C)``: the largest cosine between the shortest arc of each first
     pair and that of each second pair (unit ends).
 
+    ``cross`` ``(s_q, s_r)``: the inner products of the first pairs' samples
+    with the second pairs'; ``ends_q`` ``(R, 2)`` and ``ends_r`` ``(C, 2)``:
+    each pair's ends as positions in them (by default ``cross`` is
+    ``(2R, 2C)``, rows and columns the pairs' first ends, then their second).
     ``c_q`` ``(R,)`` and ``c_r`` ``(C,)``: each pair's x1.x2 (resp. x3.x4).
     ``symmetric``: the two sets of pairs are one (``cross`` symmetric), so the
     second set's half of the work is the transpose of the first's.
+
     The optimum is a corner, an edge point (an end against the other arc) or
     the interior stationary pair: the top singular pair of the 2 x 2 cross
     matrix M of the two planes' orthonormal bases, when both singular vectors
     lie inside their arcs (with one common sign). The other singular pair is a
-    saddle and never wins.
+    saddle and never wins. Corners and edges depend on a sample and an arc
+    only, so they are found once per (sample, pair) and read off per pair's
+    end: with m samples per class a sample ends m - 1 pairs.
     """
     R, C = c_q.shape[0], c_r.shape[0]
+    if ends_q is None:
+        ends_q = torch.arange(2 * R, device=cross.device).view(2, R).T
+    if ends_r is None:
+        ends_r = ends_q if symmetric else torch.arange(2 * C, device=cross.device).view(2, C).T
+    x1, x2 = ends_q.T
+    x3, x4 = ends_r.T
     nc_r, s_r, inv_r = arc_planes(c_r)
     if symmetric:
         nc_q, s_q, inv_q = nc_r.unsqueeze(1), s_r.unsqueeze(1), inv_r.unsqueeze(1)
     else:
         nc_q, s_q, inv_q = (t.unsqueeze(1) for t in arc_planes(c_q))
-    # Every first-pair end against e2 of each second pair's plane (and, below,
-    # e2 of each first pair against every second-pair end).
-    y_r = torch.addcmul(cross[:, C:], cross[:, :C], nc_r).mul_(inv_r)  # (2R, C): x1|x2 . e2_r
-    # Corners, and the edges of x1, x2 against the second arc, per first end.
-    best = torch.maximum(cross[:, :C], cross[:, C:])
-    torch.maximum(best, _edge_values(cross[:, :C], y_r, s_r, nc_r), out=best)
-    best = torch.maximum(best[:R], best[R:])
+    # Per sample of the first side and second pair: x.x3, x.e2 of the second
+    # pair's plane, and the best corner or edge of x against the second arc.
+    per_sample = torch.empty(3, cross.shape[0], C, dtype=cross.dtype, device=cross.device)
+    g3 = torch.index_select(cross, 1, x3, out=per_sample[0])
+    g4 = cross.index_select(1, x4)
+    y = torch.addcmul(g4, g3, nc_r, out=per_sample[1]).mul_(inv_r)
+    best_end = torch.maximum(g3, g4, out=per_sample[2])
+    torch.maximum(best_end, _edge_values(g3, y, s_r, nc_r), out=best_end)
+    # ... read off at each first pair's two ends: (3, 2R, C).
+    at_ends = per_sample.index_select(1, torch.cat((x1, x2)))
+    m11, g23 = at_ends[0, :R], at_ends[0, R:]  # x1.x3, x2.x3
+    m12, y2 = at_ends[1, :R], at_ends[1, R:]  # x1.e2_r, x2.e2_r
+    best = torch.maximum(at_ends[2, :R], at_ends[2, R:])
     if symmetric:  # x3, x4 against the first arc: the transpose
         best = torch.maximum(best, best.T)
-        # e2_q . x3 computed rather than transposed: elementwise work on a
-        # transposed operand runs several times slower on the CPU.
-        m21 = torch.addcmul(cross[R:, :C], cross[:R, :C], nc_q).mul_(inv_q)
-    else:
-        y_q = torch.addcmul(cross[R:], cross[:R], nc_q).mul_(inv_q)  # (R, 2C): e2_q . x3|x4
-        m21 = y_q[:, :C]
-        edges_q = _edge_values(cross[:R], y_q, s_q, nc_q)
-        torch.maximum(best, torch.maximum(edges_q[:, :C], edges_q[:, C:]), out=best)
-    # Interior: M in the bases (x1, e2_q), (x3, e2_r).
-    m22 = torch.addcmul(y_r[R:], y_r[:R], nc_q).mul_(inv_q)
-    interior = _interior(cross[:R, :C], y_r[:R], m21, m22, s_q, nc_q, s_r, nc_r)[0]
+    else:  # the same per sample of the second side and first pair
+        h1, h2 = cross.index_select(0, x1), cross.index_select(0, x2)  # (R, s_r)
+        y_q = torch.addcmul(h2, h1, nc_q).mul_(inv_q)
+        best_q = torch.maximum(h1, h2)
+        torch.maximum(best_q, _edge_values(h1, y_q, s_q, nc_q), out=best_q)
+        best_q = best_q.index_select(1, torch.cat((x3, x4)))
+        torch.maximum(best, torch.maximum(best_q[:, :C], best_q[:, C:]), out=best)
+    # Interior: M in the bases (x1, e2_q), (x3, e2_r). e2_q . x3 is computed
+    # rather than transposed: elementwise work on a transposed operand runs
+    # several times slower on the CPU.
+    m21 = torch.addcmul(g23, m11, nc_q).mul_(inv_q)
+    m22 = torch.addcmul(y2, m12, nc_q).mul_(inv_q)
+    interior = _interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r)[0]
     return torch.maximum(best, interior, out=best)
 
 
