@@ -117,6 +117,20 @@ def test_first_max_takes_the_first_of_ties():
     assert best.tolist() == [3.0, 5.0, 7.0, -1.0] and which.tolist() == [1, 0, 2, 0]
 
 
+@pytest.mark.parametrize("k", range(1, 10))
+def test_first_max_is_the_first_maximum(k):
+    """Every number of rows (1 - 3 take their own path): the maximum and the
+    first row holding it, ties included, in the index type asked for."""
+    g = torch.Generator().manual_seed(k)
+    v = torch.randint(0, 4, (k, 5, 40), generator=g).float()  # many ties
+    for dtype in (torch.int64, torch.int32):
+        best, which = first_max(v, dtype)
+        want = [[next(r for r in range(k) if v[r, i, j] == v[:, i, j].max()) for j in range(40)] for i in range(5)]
+        assert torch.equal(best, v.amax(0)) and which.dtype == dtype and which.tolist() == want
+        best.add_(1)  # the result is not a view of the input
+        assert torch.equal(v.amax(0) + 1, best)
+
+
 def test_sparse_backward_equals_the_dense_one():
     """Skipping entries without gradient (the CPU default) changes nothing."""
     from pml_loop.batch_loop import _winners_grad, gram_blocks, search_plan, search_winners

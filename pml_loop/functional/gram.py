@@ -92,11 +92,26 @@ def first_max(values: Tensor, index_dtype: torch.dtype = torch.int64) -> tuple[T
     if values.device.type != "cpu":
         best, index = values.max(0)
         return best, index.to(index_dtype)
-    best = values.amax(0)
     k = values.shape[0]
+    if k <= 3:  # the pair slots of m <= 4 per class: fewer passes slice by slice
+        return _first_max_of_few(values, index_dtype)
+    best = values.amax(0)
     hit = torch.eq(values, best, out=torch.empty_like(values))
     rank = constant(tuple(range(k, 0, -1)), values.dtype, values.device).view(k, *[1] * best.ndim)
     return best, torch.rsub(hit.mul_(rank).amax(0), k).to(index_dtype)
+
+
+def _first_max_of_few(values: Tensor, index_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`first_max` of 1 - 3 rows: the index is the number of leading
+    rows below the maximum, 0 / 1 values multiplied along."""
+    if values.shape[0] == 1:
+        return values[0].clone(), torch.zeros(values.shape[1:], dtype=index_dtype, device=values.device)
+    best = torch.maximum(values[0], values[1])
+    if values.shape[0] == 3:
+        torch.maximum(best, values[2], out=best)
+    below = torch.lt(values[:-1], best, out=torch.empty_like(values[:-1]))
+    index = below[0] if values.shape[0] == 2 else torch.addcmul(below[0], below[0], below[1])
+    return best, index.to(index_dtype)
 
 
 def take(x: Tensor, index: Tensor) -> Tensor:
