@@ -106,26 +106,16 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
         nc_q, s_q, inv_q = nc_r.unsqueeze(1), s_r.unsqueeze(1), inv_r.unsqueeze(1)
     else:
         nc_q, s_q, inv_q = (t.unsqueeze(1) for t in arc_planes(c_q))
-    # Per sample of the first side and second pair: x.x3, x.e2 of the second
-    # pair's plane, and the best corner or edge of x against the second arc.
-    per_sample = torch.empty(3, cross.shape[0], C, dtype=cross.dtype, device=cross.device)
-    g3 = torch.index_select(cross, 1, x3, out=per_sample[0])
-    g4 = cross.index_select(1, x4)
-    y = torch.addcmul(g4, g3, nc_r, out=per_sample[1]).mul_(inv_r)
-    best_end = torch.maximum(g3, g4, out=per_sample[2])
-    torch.maximum(best_end, _edge_values(g3, y, s_r, nc_r), out=best_end)
-    # ... read off at each first pair's two ends: (3, 2R, C).
-    at_ends = per_sample.index_select(1, torch.cat((x1, x2)))
+    # Per first pair's end and second pair: x.x3, x.e2 of the second pair's
+    # plane, and the best corner or edge of x against the second arc: (3, 2R, C).
+    at_ends = _per_sample(cross, x3, x4, nc_r, s_r, inv_r).index_select(1, torch.cat((x1, x2)))
     m11, g23 = at_ends[0, :R], at_ends[0, R:]  # x1.x3, x2.x3
     m12, y2 = at_ends[1, :R], at_ends[1, R:]  # x1.e2_r, x2.e2_r
     best = torch.maximum(at_ends[2, :R], at_ends[2, R:])
     if symmetric:  # x3, x4 against the first arc: the transpose
         best = torch.maximum(best, best.T)
-    else:  # the same per sample of the second side and first pair
-        h1, h2 = cross.index_select(0, x1), cross.index_select(0, x2)  # (R, s_r)
-        y_q = torch.addcmul(h2, h1, nc_q).mul_(inv_q)
-        best_q = torch.maximum(h1, h2)
-        torch.maximum(best_q, _edge_values(h1, y_q, s_q, nc_q), out=best_q)
+    else:  # the same per sample of the second side and first pair, read off at x3, x4
+        best_q = _best_end(cross.index_select(0, x1), cross.index_select(0, x2), nc_q, s_q, inv_q)[1]
         best_q = best_q.index_select(1, torch.cat((x3, x4)))
         torch.maximum(best, torch.maximum(best_q[:, :C], best_q[:, C:]), out=best)
     # Interior: M in the bases (x1, e2_q), (x3, e2_r). e2_q . x3 is computed
@@ -135,6 +125,28 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
     m22 = torch.addcmul(y2, m12, nc_q).mul_(inv_q)
     interior = _interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r)[0]
     return torch.maximum(best, interior, out=best)
+
+
+def _per_sample(cross: Tensor, x3: Tensor, x4: Tensor, nc: Tensor, s: Tensor, inv: Tensor) -> Tensor:
+    """``(3, samples, arcs)``: each sample (a row of ``cross``) against each
+    arc x3 -> x4 (columns of ``cross``; ``nc``, ``s``, ``inv``: the arcs'
+    planes, see :func:`arc_planes`): x.x3, x.e2 of the arc's plane and the
+    best corner or edge of x against the arc."""
+    out = torch.empty(3, cross.shape[0], x3.shape[0], dtype=cross.dtype, device=cross.device)
+    g3 = torch.index_select(cross, 1, x3, out=out[0])
+    _best_end(g3, cross.index_select(1, x4), nc, s, inv, out[1], out[2])
+    return out
+
+
+def _best_end(g3: Tensor, g4: Tensor, nc: Tensor, s: Tensor, inv: Tensor, y: Tensor | None = None,
+              best: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Points against arcs x3 -> x4, from their inner products ``g3``, ``g4``
+    with the ends (the arcs' planes broadcast against them): each point's
+    coordinate on the arc's e2 and its best corner or edge (into ``y``,
+    ``best`` if given)."""
+    y = torch.addcmul(g4, g3, nc, out=y).mul_(inv)
+    best = torch.maximum(g3, g4, out=best)
+    return y, torch.maximum(best, _edge_values(g3, y, s, nc), out=best)
 
 
 #: Per candidate of :func:`arc_entry_optimum` (corners 13, 14, 23, 24; x1, x2
