@@ -209,23 +209,26 @@ def _block_values(g: GramBlocks, row: Group, col: Group, geometry: Geometry, sym
     dot product, or minus the squared distance: see :func:`measure_of_score`).
     ``symmetric``: the two groups are one, within one set."""
     ends_q, ends_r = row.ends, col.ends
+    if geometry == "dot":
+        rows = ends_q.T.reshape(-1)  # first ends, then second ends
+        cols = rows if symmetric else ends_r.T.reshape(-1)
+        return dot_grid_values(g.qr.index_select(0, rows).index_select(1, cols))  # (2R, 2C): one gather for all
+    # The groups' samples against each other: ends against the other side's
+    # segments or arcs are searched per sample.
+    cross = g.qr if row.samples is None else g.qr.index_select(0, row.samples)
+    if col.samples is not None:
+        cross = cross.index_select(1, col.samples)
     if geometry == "arc":
-        # The groups' samples against each other (arcs are searched per sample and pair).
-        cross = g.qr if row.samples is None else g.qr.index_select(0, row.samples)
-        if col.samples is not None:
-            cross = cross.index_select(1, col.samples)
         if symmetric:
             own = _pair_gram(cross, row.local)
             return arc_grid_values(cross, own, own, True, row.local)
         return arc_grid_values(cross, _pair_gram(g.qq, ends_q), _pair_gram(g.rr, ends_r), False, row.local, col.local)
-    rows = ends_q.T.reshape(-1)  # first ends, then second ends
-    cols = rows if symmetric else ends_r.T.reshape(-1)
-    cross = g.qr.index_select(0, rows).index_select(1, cols)  # (2R, 2C): one gather for all
-    if geometry == "dot":
-        return dot_grid_values(cross)
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
-    return -segment_grid_values(cross, torch.stack((dq[ends_q[:, 0]], _pair_gram(g.qq, ends_q), dq[ends_q[:, 1]])),
-                                torch.stack((dr[ends_r[:, 0]], _pair_gram(g.rr, ends_r), dr[ends_r[:, 1]])))
+    own_q = torch.stack((dq[ends_q[:, 0]], _pair_gram(g.qq, ends_q), dq[ends_q[:, 1]]))
+    own_r = own_q if symmetric else torch.stack((dr[ends_r[:, 0]], _pair_gram(g.rr, ends_r), dr[ends_r[:, 1]]))
+    norms_q = dq if row.samples is None else dq[row.samples]
+    norms_r = dr if col.samples is None else dr[col.samples]
+    return -segment_grid_values(cross, own_q, own_r, symmetric, row.local, col.local, norms_q, norms_r)
 
 
 def measure_of_score(score: Tensor, geometry: Geometry) -> Tensor:

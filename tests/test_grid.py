@@ -49,22 +49,33 @@ def test_symmetric_grid_is_the_plain_one(d):
     assert (arc_grid_values(cross, c, c, symmetric=True) - plain).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("sphere", [True, False])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_arc_grid_per_sample_is_the_per_end_one(symmetric):
+def test_grid_per_sample_is_the_per_end_one(symmetric, sphere):
     """Pairs sharing samples, as a class's pairs do (and points): the grid from
     the samples' inner products and the pairs' ends as positions in them is
-    the grid from the ends' inner products, to the bit."""
+    the grid from the ends' inner products, to the bit (arcs and segments)."""
     g = torch.Generator().manual_seed(7)
-    xa = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=1)
-    xb = xa if symmetric else F.normalize(torch.randn(5, 5, generator=g, dtype=torch.float64), dim=1)
+    xa = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    xb = xa if symmetric else torch.randn(5, 5, generator=g, dtype=torch.float64)
+    if sphere:
+        xa, xb = F.normalize(xa, dim=1), F.normalize(xb, dim=1)
     ends_a = torch.tensor([[0, 1], [0, 2], [1, 2], [3, 4], [5, 5], [3, 3]])
     ends_b = ends_a if symmetric else torch.tensor([[0, 1], [2, 3], [1, 3], [4, 4]])
     cross = xa @ xb.T
-    c_a, c_b = (cross.new_tensor([(x[e[0]] * x[e[1]]).sum() for e in ends])
-                for x, ends in ((xa, ends_a), (xb, ends_b)))
     per_end = cross[ends_a.T.reshape(-1)][:, ends_b.T.reshape(-1)]  # (2R, 2C)
-    want = arc_grid_values(per_end, c_a, c_b, symmetric)
-    got = arc_grid_values(cross, c_a, c_b, symmetric, ends_a, None if symmetric else ends_b)
+    def own(x, ends, k, l):  # x_k . x_l of each pair
+        return (x[ends[:, k]] * x[ends[:, l]]).sum(1)
+
+    if sphere:
+        c_a, c_b = own(xa, ends_a, 0, 1), own(xb, ends_b, 0, 1)
+        want = arc_grid_values(per_end, c_a, c_b, symmetric)
+        got = arc_grid_values(cross, c_a, c_b, symmetric, ends_a, None if symmetric else ends_b)
+    else:
+        own_a, own_b = (torch.stack([own(x, ends, k, l) for k, l in ((0, 0), (0, 1), (1, 1))])
+                        for x, ends in ((xa, ends_a), (xb, ends_b)))
+        want = segment_grid_values(per_end, own_a, own_b, symmetric)
+        got = segment_grid_values(cross, own_a, own_b, symmetric, ends_a, ends_b, (xa * xa).sum(1), (xb * xb).sum(1))
     assert torch.equal(got, want)
     assert got.shape == (len(ends_a), len(ends_b))
 

@@ -231,17 +231,29 @@ def _point_segment(yy: Tensor, y0: Tensor, y1: Tensor, n0: Tensor, k: Tensor, le
     return (y0 * -2).add_(yy).add_(n0).addcmul_(t, torch.add(along, t * length, alpha=-0.5), value=-2)
 
 
-def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor) -> Tensor:
+def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor, symmetric: bool = False,
+                        ends_q: Tensor | None = None, ends_r: Tensor | None = None,
+                        norms_q: Tensor | None = None, norms_r: Tensor | None = None) -> Tensor:
     """``(R, C)``: the smallest squared distance between the segment of each
     first pair and that of each second pair.
 
     ``own_q`` ``(3, R)``: each first pair's x1.x1, x1.x2, x2.x2; ``own_r``
-    ``(3, C)``: x3.x3, x3.x4, x4.x4. The distance is a convex quadratic on the
-    unit square: its minimum is the interior stationary point when that lies
+    ``(3, C)``: x3.x3, x3.x4, x4.x4. ``cross``, ``ends_q``, ``ends_r`` and
+    ``symmetric`` as for :func:`arc_grid_values`; ``norms_q`` ``(s_q,)`` and
+    ``norms_r`` ``(s_r,)``: the samples' squared norms (read off ``own_q``,
+    ``own_r`` by default). The distance is a convex quadratic on the unit
+    square: its minimum is the interior stationary point when that lies
     strictly inside, otherwise on an edge, i.e. an end of one segment against
-    the other segment (the corners are ends of edges).
+    the other segment (the corners are ends of edges), which, as for arcs, is
+    found once per sample and segment.
     """
     R, C = own_q.shape[1], own_r.shape[1]
+    if ends_q is None:
+        ends_q, norms_q = torch.arange(2 * R, device=cross.device).view(2, R).T, own_q[0::2].reshape(-1)
+    if ends_r is None:
+        ends_r, norms_r = torch.arange(2 * C, device=cross.device).view(2, C).T, own_r[0::2].reshape(-1)
+    x1, x2 = ends_q.T
+    x3, x4 = ends_r.T
     g11, g12, g22 = (t.unsqueeze(1) for t in own_q)
     g33, g34, g44 = own_r
     a, c = (g11 + g22).sub_(2 * g12), (g33 + g44).sub_(2 * g34)  # |x2 - x1|^2, |x4 - x3|^2
@@ -249,14 +261,24 @@ def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor) -> Tensor:
     tiny_q, tiny_r = eps * ((g11 + g22).abs() + 1), eps * ((g33 + g44).abs() + 1)  # degeneracy is relative
     inv_a = a.masked_fill(a <= tiny_q, float("inf")).reciprocal()  # 0 for a point
     inv_c = c.masked_fill(c <= tiny_r, float("inf")).reciprocal()
-    # x1, x2 against the second segment, and x3, x4 against the first.
-    ends_r = _point_segment(torch.cat((g11, g22)), cross[:, :C], cross[:, C:], g33, g33 - g34, c, inv_c)
-    ends_q = _point_segment(torch.cat((g33, g44)), cross[:R], cross[R:], g11, g11 - g12, a, inv_a)
-    best = torch.minimum(ends_r[:R], ends_r[R:])
-    torch.minimum(best, torch.minimum(ends_q[:, :C], ends_q[:, C:]), out=best)
+    # Each sample of the first side against each second segment (x.x3, x.x4,
+    # the squared distance), read off at x1, x2: (3, 2R, C).
+    per_sample = torch.empty(3, cross.shape[0], C, dtype=cross.dtype, device=cross.device)
+    y3 = torch.index_select(cross, 1, x3, out=per_sample[0])
+    y4 = torch.index_select(cross, 1, x4, out=per_sample[1])
+    per_sample[2] = _point_segment(norms_q.unsqueeze(1), y3, y4, g33, g33 - g34, c, inv_c)
+    at_ends = per_sample.index_select(1, torch.cat((x1, x2)))
+    del per_sample, y3, y4
+    g13, g23, g14, g24 = at_ends[0, :R], at_ends[0, R:], at_ends[1, :R], at_ends[1, R:]
+    best = torch.minimum(at_ends[2, :R], at_ends[2, R:])
+    if symmetric:  # x3, x4 against the first segment: the transpose
+        best = torch.minimum(best, best.T)
+    else:  # each sample of the second side against each first segment, read off at x3, x4
+        ends = _point_segment(norms_r, cross.index_select(0, x1), cross.index_select(0, x2), g11, g11 - g12, a, inv_a)
+        ends = ends.index_select(1, torch.cat((x3, x4)))
+        torch.minimum(best, torch.minimum(ends[:, :C], ends[:, C:]), out=best)
     # Interior: with u = x2 - x1, v = x4 - x3, w = x1 - x3, |w + s u - t v|^2 is
     # stationary at (s, t) below, where it equals |w|^2 + (u.w) s - (v.w) t.
-    g13, g14, g23, g24 = cross[:R, :C], cross[:R, C:], cross[R:, :C], cross[R:, C:]
     b = (g24 - g23).sub_(g14).add_(g13)  # u.v
     d = (g13 - g23).add_(g12 - g11)  # u.w
     e = (g14 - g13).add_(g33 - g34)  # v.w
