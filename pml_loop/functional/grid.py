@@ -6,14 +6,14 @@ is worked out later for the few winning combinations (see ``batch_loop``).
 On the CPU and on a GPU alike the cost of an elementwise pass over a grid of
 10^4 - 10^5 combinations is mostly its launch, so these functions are written
 for the fewest passes: the four corners are views of one gathered Gram block,
-edges are computed two at a time (for arcs, once per sample rather than per
-pair end), and infeasible candidates are pushed below every value by
-arithmetic rather than by masks and selects.
+edges are computed two at a time and once per sample rather than per pair
+end, and infeasible candidates are pushed below every value by arithmetic
+rather than by masks and selects.
 
 Inputs: ``cross`` ``(2R, 2C)``, the inner products of the pairs' ends
 ``[x1 of each first pair; x2 of each]`` against ``[x3 of each second pair; x4
-of each]`` (for arcs, optionally the samples' inner products and each pair's
-ends as positions in them), and per pair the inner products of its own ends.
+of each]`` (or, with each pair's ends given as positions, the inner products
+of the samples), and per pair the inner products of its own ends.
 """
 from __future__ import annotations
 
@@ -263,12 +263,7 @@ def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor, symmetric: 
     inv_c = c.masked_fill(c <= tiny_r, float("inf")).reciprocal()
     # Each sample of the first side against each second segment (x.x3, x.x4,
     # the squared distance), read off at x1, x2: (3, 2R, C).
-    per_sample = torch.empty(3, cross.shape[0], C, dtype=cross.dtype, device=cross.device)
-    y3 = torch.index_select(cross, 1, x3, out=per_sample[0])
-    y4 = torch.index_select(cross, 1, x4, out=per_sample[1])
-    per_sample[2] = _point_segment(norms_q.unsqueeze(1), y3, y4, g33, g33 - g34, c, inv_c)
-    at_ends = per_sample.index_select(1, torch.cat((x1, x2)))
-    del per_sample, y3, y4
+    at_ends = _segment_per_sample(cross, x3, x4, norms_q, g33, g34, c, inv_c).index_select(1, torch.cat((x1, x2)))
     g13, g23, g14, g24 = at_ends[0, :R], at_ends[0, R:], at_ends[1, :R], at_ends[1, R:]
     best = torch.minimum(at_ends[2, :R], at_ends[2, R:])
     if symmetric:  # x3, x4 against the first segment: the transpose
@@ -291,3 +286,16 @@ def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor, symmetric: 
     inside = well_posed & (torch.minimum(s, t) > 0) & (torch.maximum(s, t) < 1)
     interior = (g11 + g33 - 2 * g13).addcmul_(d, s).addcmul_(e, t, value=-1)
     return torch.minimum(best, interior.masked_fill_(~inside, float("inf")), out=best)
+
+
+def _segment_per_sample(cross: Tensor, x3: Tensor, x4: Tensor, norms: Tensor, g33: Tensor, g34: Tensor, c: Tensor,
+                        inv_c: Tensor) -> Tensor:
+    """``(3, samples, segments)``: each sample (a row of ``cross``, squared
+    norms ``norms``) against each segment x3 -> x4 (columns of ``cross``;
+    ``g33``, ``g34``, ``c`` = |x4 - x3|^2 and its inverse ``inv_c`` per
+    segment): x.x3, x.x4 and the squared distance of x to the segment."""
+    out = torch.empty(3, cross.shape[0], x3.shape[0], dtype=cross.dtype, device=cross.device)
+    y3 = torch.index_select(cross, 1, x3, out=out[0])
+    y4 = torch.index_select(cross, 1, x4, out=out[1])
+    out[2] = _point_segment(norms.unsqueeze(1), y3, y4, g33, g33 - g34, c, inv_c)
+    return out
