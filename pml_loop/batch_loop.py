@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .functional import Geometry, QuadGram, best_candidate, candidate_weights
 from .functional.compiled import maybe_compiled
-from .functional.gram import constant, first_max, scatter_add, take
+from .functional.gram import constant, first_max, scatter_add, steps, take
 from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
 from .functional.loop import measure_partials
 from .pairs import PairTable
@@ -279,21 +279,15 @@ def _reduce_block(scores: Tensor, row: Group, col: Group, symmetric: bool = Fals
     # Winners are read off flat positions (slot * s + sample) with takes: on
     # the CPU a gather costs several times an index_select.
     (s_r, s_q), width = val.shape, q_slot.shape[1]
-    at = r_slot.mul_(s_r).add_(_steps(s_r, 1, dtype, val.device).unsqueeze(1))
+    at = r_slot.mul_(s_r).add_(steps(s_r, 1, dtype, val.device).unsqueeze(1))
     column, q = take(col.slots, at), take(col.partner, at)  # j's winning pair in the block, and partner
     if column.dtype != dtype:
         column = column.to(dtype)
     if not col.whole:
         column.clamp_max_(width - 1)
-    slot = take(q_slot, column.add_(_steps(s_q, width, dtype, val.device)))  # the slot of i's pair that won against it
-    p = take(row.partner, slot.mul_(s_q).add_(_steps(s_q, 1, dtype, val.device)))
+    slot = take(q_slot, column.add_(steps(s_q, width, dtype, val.device)))  # the slot of i's pair that won against it
+    p = take(row.partner, slot.mul_(s_q).add_(steps(s_q, 1, dtype, val.device)))
     return (val, q, p) if symmetric else (val.T, p.T, q.T)
-
-
-@functools.lru_cache(maxsize=16)
-def _steps(n: int, step: int, dtype: torch.dtype, device) -> Tensor:
-    """``0, step, ..., (n - 1) step``, kept for the next batch of the same shape."""
-    return torch.arange(0, n * step, step, dtype=dtype, device=device)
 
 
 class Winners(NamedTuple):

@@ -114,6 +114,20 @@ def _first_max_of_few(values: Tensor, index_dtype: torch.dtype) -> tuple[Tensor,
     return best, index.to(index_dtype)
 
 
+def steps(n: int, step: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``0, step, ..., (n - 1) step`` (positions in flattened tables), kept for
+    the next call of the same shape; as :func:`constant`, made afresh inside
+    ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return torch.arange(0, n * step, step, dtype=dtype, device=device)
+    return _cached_steps(n, step, dtype, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_steps(n: int, step: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.arange(0, n * step, step, dtype=dtype, device=device)
+
+
 def take(x: Tensor, index: Tensor) -> Tensor:
     """``torch.take``: the entries of ``x`` (flattened) at ``index``, shaped
     like ``index``. Through ``index_select``, about twice as fast on the CPU

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import constant, first_max, take
+from .gram import constant, first_max, steps, take
 
 
 def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -34,29 +34,30 @@ def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return -c, s, s / det.clamp_min_(torch.finfo(det.dtype).tiny)
 
 
-def _edge_values(w1: Tensor, w2: Tensor, s: Tensor, neg_c: Tensor) -> Tensor:
+def _edge_values(w1: Tensor, w2: Tensor, s: Tensor, neg_c: Tensor, out: Tensor | None = None) -> Tensor:
     """Best cosine of a fixed unit point y against an arc, given y's
     coordinates (w1, w2) in the arc's orthonormal basis: |w| when the direction
     of w lies strictly inside the arc (w2 > 0 and w1 s - w2 c > 0), else below
-    -1 (an end of the arc, a corner candidate, is then at least as good)."""
-    value = (w1 * w1).addcmul_(w2, w2).sqrt_()
+    -1 (an end of the arc, a corner candidate, is then at least as good).
+    Written into ``out`` if given."""
+    value = torch.mul(w1, w1, out=out).addcmul_(w2, w2).sqrt_()
     inside = torch.minimum(w2, (w1 * s).addcmul_(w2, neg_c)).sign_()  # 1 strictly inside
     return value.add_(inside.sub_(1), alpha=2)
 
 
 def _interior(m11: Tensor, m12: Tensor, m21: Tensor, m22: Tensor, s_q: Tensor, nc_q: Tensor, s_r: Tensor,
-              nc_r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              nc_r: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The interior candidate of two arcs from the 2 x 2 cross matrix
     M = [[m11, m12], [m21, m22]] of their planes' orthonormal bases: its top
     singular value where both singular vectors lie strictly inside their arcs
-    (with one common sign), else a value below -1; and the (unnormalised)
-    singular vectors u = M v, v in those bases."""
+    (with one common sign), else a value below -1 (written into ``out`` if
+    given); and the (unnormalised) singular vectors u = M v, v in those bases."""
     s11 = (m11 * m11).addcmul_(m21, m21)  # M^T M = [[s11, s12], [s12, s22]]
     s22 = (m12 * m12).addcmul_(m22, m22)
     s12 = (m11 * m12).addcmul_(m21, m22)
     half = (s11 - s22).mul_(0.5)
     root = (half * half).addcmul_(s12, s12).sqrt_()
-    sigma = (s22 + root).add_(half).sqrt_()
+    sigma = torch.add(s22, root, out=out).add_(half).sqrt_()
     # Top eigenvector of M^T M as the sum of its two textbook forms, signed so
     # that they add up: (+-(|s12| + lambda - s22), |s12| + lambda - s11).
     abs12 = s12.abs()
@@ -153,8 +154,8 @@ def _best_end(g3: Tensor, g4: Tensor, nc: Tensor, s: Tensor, inv: Tensor, y: Ten
 #: against the second arc; x3, x4 against the first; interior): which point
 #: of the second pair's (x3, x4, a projection of x1, of x2, interior) and of
 #: the first pair's (x1, x2, a projection of x3, of x4, interior) it uses, as
-#: an offset into the options of :func:`_unit_weights` (5 per arc).
-_OPTION_OF_CANDIDATE = ((0, 1, 0, 1, 2, 3, 0, 1, 4), (5, 5, 6, 6, 5, 6, 7, 8, 9))
+#: a row of the options of :func:`_unit_weights` (option * 2 + arc).
+_OPTION_OF_CANDIDATE = ((0, 2, 0, 2, 4, 6, 0, 2, 8), (1, 1, 3, 3, 1, 3, 5, 7, 9))
 #: Rows of ``fields`` for :func:`arc_entry_optimum`: per arc, the inner
 #: products of the other pair's ends with its first end, then with its second.
 _FIRST_END, _SECOND_END = (2, 4, 2, 3), (3, 5, 4, 5)
@@ -182,9 +183,10 @@ def arc_entry_optimum(fields: Tensor) -> tuple[Tensor, Tensor]:
     w2.addcmul_(w1, neg_c.unsqueeze(1)).mul_(inv_s.unsqueeze(1))
     (nc_r, nc_q), (s_r, s_q) = neg_c, s
     m22 = torch.addcmul(w2[0, 1], w2[0, 0], nc_q).mul_(inv_s[1])
-    edges = _edge_values(w1, w2, s.unsqueeze(1), neg_c.unsqueeze(1))
-    interior, u1, u2, v1, v2 = _interior(fields[2], w2[0, 0], w2[1, 0], m22, s_q, nc_q, s_r, nc_r)
-    candidates = torch.cat((fields[2:], edges.view(4, n), interior.unsqueeze(0)))  # corners, edges, interior
+    candidates = torch.empty(9, n, dtype=c.dtype, device=c.device)  # corners, edges, interior
+    candidates[:4] = fields[2:]
+    _edge_values(w1, w2, s.unsqueeze(1), neg_c.unsqueeze(1), out=candidates[4:8].view(2, 2, n))
+    _, u1, u2, v1, v2 = _interior(fields[2], w2[0, 0], w2[1, 0], m22, s_q, nc_q, s_r, nc_r, out=candidates[8])
     cos, which = first_max(candidates, torch.int32)
     return cos, _unit_weights(w1, w2, torch.stack((v1, u1, v2, u2)).view(2, 2, n), which, c, neg_c, inv_s)
 
@@ -199,17 +201,19 @@ def _unit_weights(w1: Tensor, w2: Tensor, interior: Tensor, which: Tensor, c: Te
     (arc, end) and the interior one ``interior`` ``(2, 2, N)`` (w1 | w2, arc);
     ``c``, ``neg_c``, ``inv_s``: ``(2, N)``."""
     n = which.shape[0]
-    options = torch.empty(2, 2, 5, n, dtype=c.dtype, device=c.device)  # (weight, arc, option): ends, then computed
-    options[:, :, :2] = constant(((1.0, 0.0), (0.0, 1.0)), c.dtype, c.device).view(2, 1, 2, 1)
-    torch.mul(w2, inv_s.unsqueeze(1), out=options[1, :, 2:4])
-    torch.mul(interior[1], inv_s, out=options[1, :, 4])
-    torch.addcmul(w1, options[1, :, 2:4], neg_c.unsqueeze(1), out=options[0, :, 2:4])
-    torch.addcmul(interior[0], options[1, :, 4], neg_c, out=options[0, :, 4])
+    # (weight, option, arc): the ends, then the computed directions. Options
+    # outside the arcs' dimension keep every write contiguous along N (on the
+    # CPU, writes into slices strided along N cost several times more).
+    options = torch.empty(2, 5, 2, n, dtype=c.dtype, device=c.device)
+    options[:, :2] = constant(((1.0, 0.0), (0.0, 1.0)), c.dtype, c.device).view(2, 2, 1, 1)
+    torch.mul(w2.transpose(0, 1), inv_s, out=options[1, 2:4])
+    torch.mul(interior[1], inv_s, out=options[1, 4])
+    torch.addcmul(w1.transpose(0, 1), options[1, 2:4], neg_c, out=options[0, 2:4])
+    torch.addcmul(interior[0], options[1, 4], neg_c, out=options[0, 4])
     # Each arc's chosen option, as a column of options viewed as (2, 10 N)
     # (int32 positions: twice as fast to compute on the CPU as int64).
-    at = take(constant(_OPTION_OF_CANDIDATE, torch.int32, which.device), which.unsqueeze(0)
-              + constant(((0,), (9,)), torch.int32, which.device))
-    at.mul_(n).add_(torch.arange(n, dtype=torch.int32, device=which.device))
+    at = take(constant(_OPTION_OF_CANDIDATE, torch.int32, which.device).mul(n), which.unsqueeze(0)
+              + constant(((0,), (9,)), torch.int32, which.device)).add_(steps(n, 1, torch.int32, which.device))
     w = options.view(2, 10 * n).index_select(1, at.view(-1)).view(2, 2, n)
     norm_sq = (w[0] * w[0]).addcmul_(w[1], w[1]).addcmul_(w[0] * w[1], c, value=2)
     return w.mul_(norm_sq.rsqrt_())
