@@ -553,17 +553,18 @@ class _LoOpEntries(torch.autograd.Function):
         loop = torch.maximum(loop, base) if inverted else torch.minimum(loop, base)
         ctx.same_set = qq is rr and rr is qr
         ctx.settings = (winners, geometry, chunk_elements, compile)
-        # The mask as 0 / 1 values: in the backward, products with it cost a
-        # fraction of a select or a masked fill on boolean masks (CPU).
-        neg_values = neg.to(base.dtype)
-        ctx.save_for_backward(qq, rr, qr, neg_values, slope.mul_(neg_values))
+        ctx.save_for_backward(qq, rr, qr, neg, slope)
         return torch.where(neg, loop, base)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qq, rr, qr, neg_values, neg_slope = ctx.saved_tensors
-        d = _winners_grad(qq, rr, qr, ctx.same_set, *ctx.settings, grad_out * neg_slope)
-        grad_base = torch.addcmul(grad_out, grad_out, neg_values, value=-1)
+        qq, rr, qr, neg, slope = ctx.saved_tensors
+        # The mask as 0 / 1 values (made here: kept from the forward, it would
+        # hold n_q x n_r values more): products with it cost a fraction of a
+        # select or a masked fill on a boolean mask (CPU).
+        neg = neg.to(grad_out.dtype)
+        d = _winners_grad(qq, rr, qr, ctx.same_set, *ctx.settings, (grad_out * slope).mul_(neg))
+        grad_base = torch.addcmul(grad_out, grad_out, neg, value=-1)
         if ctx.same_set:
             return grad_base, None, None, d.qr, None, None, None, None, None, None, None
         return grad_base, d.qq, d.rr, d.qr, None, None, None, None, None, None, None
