@@ -60,9 +60,9 @@ def _interior(m11: Tensor, m12: Tensor, m21: Tensor, m22: Tensor, s_q: Tensor, n
     sigma = torch.add(s22, root, out=out).add_(half).sqrt_()
     # Top eigenvector of M^T M as the sum of its two textbook forms, signed so
     # that they add up: (+-(|s12| + lambda - s22), |s12| + lambda - s11).
-    abs12 = s12.abs()
-    v2 = (abs12 + root).sub_(half)
-    v1 = torch.copysign((abs12 + root).add_(half), s12)
+    both = s12.abs().add_(root)
+    v2 = both - half
+    v1 = torch.copysign(both.add_(half), s12)
     u1 = (m11 * v1).addcmul_(m12, v2)  # u = M v, the partner direction
     u2 = (m21 * v1).addcmul_(m22, v2)
     # Inside both arcs (v2 >= 0 by construction): v2, u2 and the two "before
