@@ -154,8 +154,8 @@ def _best_end(g3: Tensor, g4: Tensor, nc: Tensor, s: Tensor, inv: Tensor, y: Ten
 #: against the second arc; x3, x4 against the first; interior): which point
 #: of the second pair's (x3, x4, a projection of x1, of x2, interior) and of
 #: the first pair's (x1, x2, a projection of x3, of x4, interior) it uses, as
-#: an offset into the options of :func:`_unit_weights` (5 per arc).
-_OPTION_OF_CANDIDATE = ((0, 1, 0, 1, 2, 3, 0, 1, 4), (5, 5, 6, 6, 5, 6, 7, 8, 9))
+#: a row of the options of :func:`_unit_weights` (option * 2 + arc).
+_OPTION_OF_CANDIDATE = ((0, 2, 0, 2, 4, 6, 0, 2, 8), (1, 1, 3, 3, 1, 3, 5, 7, 9))
 #: Rows of ``fields`` for :func:`arc_entry_optimum`: per arc, the inner
 #: products of the other pair's ends with its first end, then with its second.
 _FIRST_END, _SECOND_END = (2, 4, 2, 3), (3, 5, 4, 5)
@@ -201,12 +201,16 @@ def _unit_weights(w1: Tensor, w2: Tensor, interior: Tensor, which: Tensor, c: Te
     (arc, end) and the interior one ``interior`` ``(2, 2, N)`` (w1 | w2, arc);
     ``c``, ``neg_c``, ``inv_s``: ``(2, N)``."""
     n = which.shape[0]
-    options = torch.empty(2, 2, 5, n, dtype=c.dtype, device=c.device)  # (weight, arc, option): ends, then computed
-    options[:, :, :2] = constant(((1.0, 0.0), (0.0, 1.0)), c.dtype, c.device).view(2, 1, 2, 1)
-    torch.mul(w2, inv_s.unsqueeze(1), out=options[1, :, 2:4])
-    torch.mul(interior[1], inv_s, out=options[1, :, 4])
-    torch.addcmul(w1, options[1, :, 2:4], neg_c.unsqueeze(1), out=options[0, :, 2:4])
-    torch.addcmul(interior[0], options[1, :, 4], neg_c, out=options[0, :, 4])
+    # (weight, option, arc): the ends, then the computed directions. In this
+    # order compile=True makes fewer kernels of it than in (weight, arc,
+    # option) (a multi-similarity step: 141 against 145, ATen calls 601
+    # against 645; benchmarks/bench_loop.py --only aten); eager, the same.
+    options = torch.empty(2, 5, 2, n, dtype=c.dtype, device=c.device)
+    options[:, :2] = constant(((1.0, 0.0), (0.0, 1.0)), c.dtype, c.device).view(2, 2, 1, 1)
+    torch.mul(w2.transpose(0, 1), inv_s, out=options[1, 2:4])
+    torch.mul(interior[1], inv_s, out=options[1, 4])
+    torch.addcmul(w1.transpose(0, 1), options[1, 2:4], neg_c, out=options[0, 2:4])
+    torch.addcmul(interior[0], options[1, 4], neg_c, out=options[0, 4])
     # Each arc's chosen option, as a column of options viewed as (2, 10 N)
     # (int32 positions: twice as fast to compute on the CPU as int64).
     at = take(constant(_OPTION_OF_CANDIDATE, torch.int32, which.device).mul(n), which.unsqueeze(0)
