@@ -227,7 +227,7 @@ def _block_values(g: GramBlocks, row: Group, col: Group, geometry: Geometry, sym
     own_q = torch.stack((dq[ends_q[:, 0]], _pair_gram(g.qq, ends_q), dq[ends_q[:, 1]]))
     own_r = own_q if symmetric else torch.stack((dr[ends_r[:, 0]], _pair_gram(g.rr, ends_r), dr[ends_r[:, 1]]))
     norms_q = dq if row.samples is None else dq[row.samples]
-    norms_r = dr if col.samples is None else dr[col.samples]
+    norms_r = None if symmetric else dr if col.samples is None else dr[col.samples]
     return -segment_grid_values(cross, own_q, own_r, symmetric, row.local, col.local, norms_q, norms_r)
 
 
@@ -269,8 +269,7 @@ def _reduce_block(scores: Tensor, row: Group, col: Group, symmetric: bool = Fals
     """
     if not row.whole:  # a padding row for the pairs outside the block
         scores = _pad(scores, 0, float("-inf"))
-    # Flat positions below are at most (row samples) x C <= 2 R C.
-    dtype = torch.int32 if 2 * scores.numel() < 2**31 else torch.int64
+    dtype = _index_dtype(2 * scores.shape[0], scores.shape[1])  # positions below: (row samples <= 2 R) x C
     val, q_slot = first_max(_select(scores, 0, row.slots), dtype)  # (deg_q, s_q, C) -> (s_q, C)
     val = val.T.contiguous()
     if not col.whole:
@@ -379,9 +378,11 @@ def _entry_chunks(n_q: int, n_r: int, upper: bool, chunk_elements: int) -> list[
 
 
 def _index_dtype(n_q: int, n_r: int) -> torch.dtype:
-    """int32 for the flat positions of the gradient pass whenever every one of
-    them fits: on the CPU int32 arithmetic is about twice as fast as int64
-    (``benchmarks/cpu_facts.py``), and gathers take either."""
+    """int32 for flat positions in an ``(n_q, n_r)`` table (the search's
+    winners, the gradient pass's entries) whenever every one of them fits: on
+    the CPU int32 arithmetic and casts to int32 take a half to a third of the
+    time of their int64 forms (``benchmarks/cpu_facts.py``), and takes accept
+    either."""
     return torch.int32 if max(n_q, n_r) ** 2 < 2**31 else torch.int64
 
 

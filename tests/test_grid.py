@@ -164,7 +164,8 @@ def test_sparse_backward_equals_the_dense_one():
 @pytest.mark.parametrize("same_set", [True, False])
 def test_int64_positions_give_the_int32_gradient(monkeypatch, geometry, same_set):
     """Batches too large for int32 positions (46,341 rows and more) take the
-    int64 path: forced here on a small batch, it must give the same gradient."""
+    int64 path: forced here on a small batch, it must give the same winners
+    (search) and the same gradient."""
     import pml_loop.batch_loop as bl
     from pml_loop.pairs import positive_pair_table
     g = torch.Generator().manual_seed(10)
@@ -182,6 +183,8 @@ def test_int64_positions_give_the_int32_gradient(monkeypatch, geometry, same_set
     assert bl._index_dtype(20, 20) == torch.int32
     narrow = run()
     monkeypatch.setattr(bl, "_index_dtype", lambda n_q, n_r: torch.int64)
+    wide_winners = bl.search_winners(blocks, tq, tr, geometry, bl.search_plan(tq, tr, 2**18))
+    assert all(torch.equal(a, b) for a, b in zip(winners, wide_winners))
     wide = run()
     for a, b in zip(narrow, wide):
         assert torch.allclose(a, b, atol=1e-12)

@@ -86,8 +86,8 @@ def first_max(values: Tensor, index_dtype: torch.dtype = torch.int64) -> tuple[T
     and comparisons into boolean tensors several times float ones (torch
     2.13, measured). On a GPU, where each pass is a kernel launch, one
     ``max(0)``. Callers that compute positions from the index ask for int32:
-    on the CPU, int64 arithmetic and float-to-int64 casts cost about four
-    times their int32 forms (``benchmarks/cpu_facts.py``).
+    on the CPU, int64 arithmetic and float-to-int64 casts take two to three
+    times as long as their int32 forms (``benchmarks/cpu_facts.py``).
     """
     if values.device.type != "cpu":
         best, index = values.max(0)

@@ -109,7 +109,7 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
         nc_q, s_q, inv_q = (t.unsqueeze(1) for t in arc_planes(c_q))
     # Per first pair's end and second pair: x.x3, x.e2 of the second pair's
     # plane, and the best corner or edge of x against the second arc: (3, 2R, C).
-    at_ends = _per_sample(cross, x3, x4, nc_r, s_r, inv_r).index_select(1, torch.cat((x1, x2)))
+    at_ends = _arc_per_sample(cross, x3, x4, nc_r, s_r, inv_r).index_select(1, torch.cat((x1, x2)))
     m11, g23 = at_ends[0, :R], at_ends[0, R:]  # x1.x3, x2.x3
     m12, y2 = at_ends[1, :R], at_ends[1, R:]  # x1.e2_r, x2.e2_r
     best = torch.maximum(at_ends[2, :R], at_ends[2, R:])
@@ -128,7 +128,7 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
     return torch.maximum(best, interior, out=best)
 
 
-def _per_sample(cross: Tensor, x3: Tensor, x4: Tensor, nc: Tensor, s: Tensor, inv: Tensor) -> Tensor:
+def _arc_per_sample(cross: Tensor, x3: Tensor, x4: Tensor, nc: Tensor, s: Tensor, inv: Tensor) -> Tensor:
     """``(3, samples, arcs)``: each sample (a row of ``cross``) against each
     arc x3 -> x4 (columns of ``cross``; ``nc``, ``s``, ``inv``: the arcs'
     planes, see :func:`arc_planes`): x.x3, x.e2 of the arc's plane and the
@@ -245,12 +245,12 @@ def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor, symmetric: 
     ``own_q`` ``(3, R)``: each first pair's x1.x1, x1.x2, x2.x2; ``own_r``
     ``(3, C)``: x3.x3, x3.x4, x4.x4. ``cross``, ``ends_q``, ``ends_r`` and
     ``symmetric`` as for :func:`arc_grid_values`; ``norms_q`` ``(s_q,)`` and
-    ``norms_r`` ``(s_r,)``: the samples' squared norms (read off ``own_q``,
-    ``own_r`` by default). The distance is a convex quadratic on the unit
-    square: its minimum is the interior stationary point when that lies
-    strictly inside, otherwise on an edge, i.e. an end of one segment against
-    the other segment (the corners are ends of edges), which, as for arcs, is
-    found once per sample and segment.
+    ``norms_r`` ``(s_r,)``: the samples' squared norms, needed with given
+    ends (``norms_r`` only when not ``symmetric``). The distance is a convex
+    quadratic on the unit square: its minimum is the interior stationary
+    point when that lies strictly inside, otherwise on an edge, i.e. an end of
+    one segment against the other segment (the corners are ends of edges),
+    which, as for arcs, is found once per sample and segment.
     """
     R, C = own_q.shape[1], own_r.shape[1]
     if ends_q is None:
