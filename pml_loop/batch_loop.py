@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .functional import Geometry, QuadGram, best_candidate, candidate_weights
 from .functional.compiled import maybe_compiled
-from .functional.gram import constant, first_max, scatter_add, steps, take
+from .functional.gram import constant, first_max, scalar, scatter_add, steps, take
 from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
 from .functional.loop import measure_partials
 from .pairs import PairTable
@@ -94,8 +94,9 @@ class Group(NamedTuple):
     """A contiguous range of one set's pairs and the samples that own them.
 
     samples: ``(s,)`` sample indices, or ``None`` for every sample of the set.
-    ends:    ``(R, 2)`` the ends of its pairs (sample indices of the set).
-    local:   ``(R, 2)`` the same as positions in ``samples``.
+    ends:    ``(2, R)`` the ends of its pairs (sample indices of the set): the
+             first ends, then the second ends (contiguous).
+    local:   ``(2, R)`` the same as positions in ``samples``.
     slots:   ``(deg, s)`` int32, each sample's owned pairs as offsets in the
              range; ``stop - start`` (a padding row/column) for pairs outside it.
     partner: ``(deg, s)`` int32, the other end of each of those pairs (see
@@ -148,14 +149,15 @@ def class_groups(table: PairTable, limit: int) -> list[Group]:
     if classes:
         spans.append((start, stop, classes, False))
     if len(spans) == 1:
-        return [Group(0, table.num_pairs, None, table.ends, table.ends, _slot_major(table.owned),
+        ends = table.ends.T.contiguous()
+        return [Group(0, table.num_pairs, None, ends, ends, _slot_major(table.owned),
                       _slot_major(table.partner), True, None, (0, len(table.owned)))]
     pair_labels = table.labels.tolist()
     return [_group(table, a, b, pair_labels[a] if k == 1 else None, split) for a, b, k, split in spans]
 
 
 def _group(table: PairTable, start: int, stop: int, label: int | None, split: bool) -> Group:
-    ends = table.ends[start:stop]
+    ends = table.ends[start:stop].T.contiguous()
     samples = torch.unique(ends.reshape(-1))
     slots = table.owned[samples] - start
     outside = (slots < 0) | (slots >= stop - start)
@@ -210,8 +212,8 @@ def _block_values(g: GramBlocks, row: Group, col: Group, geometry: Geometry, sym
     ``symmetric``: the two groups are one, within one set."""
     ends_q, ends_r = row.ends, col.ends
     if geometry == "dot":
-        rows = ends_q.T.reshape(-1)  # first ends, then second ends
-        cols = rows if symmetric else ends_r.T.reshape(-1)
+        rows = ends_q.view(-1)  # first ends, then second ends
+        cols = rows if symmetric else ends_r.view(-1)
         return dot_grid_values(g.qr.index_select(0, rows).index_select(1, cols))  # (2R, 2C): one gather for all
     # The groups' samples against each other: ends against the other side's
     # segments or arcs are searched per sample.
@@ -224,8 +226,8 @@ def _block_values(g: GramBlocks, row: Group, col: Group, geometry: Geometry, sym
             return arc_grid_values(cross, own, own, True, row.local)
         return arc_grid_values(cross, _pair_gram(g.qq, ends_q), _pair_gram(g.rr, ends_r), False, row.local, col.local)
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
-    own_q = torch.stack((dq[ends_q[:, 0]], _pair_gram(g.qq, ends_q), dq[ends_q[:, 1]]))
-    own_r = own_q if symmetric else torch.stack((dr[ends_r[:, 0]], _pair_gram(g.rr, ends_r), dr[ends_r[:, 1]]))
+    own_q = torch.stack((dq[ends_q[0]], _pair_gram(g.qq, ends_q), dq[ends_q[1]]))
+    own_r = own_q if symmetric else torch.stack((dr[ends_r[0]], _pair_gram(g.rr, ends_r), dr[ends_r[1]]))
     norms_q = dq if row.samples is None else dq[row.samples]
     norms_r = None if symmetric else dr if col.samples is None else dr[col.samples]
     return -segment_grid_values(cross, own_q, own_r, symmetric, row.local, col.local, norms_q, norms_r)
@@ -240,7 +242,8 @@ def measure_of_score(score: Tensor, geometry: Geometry) -> Tensor:
 
 
 def _pair_gram(gram: Tensor, ends: Tensor) -> Tensor:
-    return take(gram, ends[:, 0] * gram.shape[1] + ends[:, 1])
+    """``(R,)``: the inner product of each pair's two ends (``ends`` ``(2, R)``)."""
+    return take(gram, torch.add(ends[1], ends[0], alpha=gram.shape[1]))
 
 
 def _select(x: Tensor, dim: int, index: Tensor) -> Tensor:
@@ -452,7 +455,7 @@ def _arc_partials(fields: Tensor, grad: Tensor) -> Tensor:
     cos, w = arc_entry_optimum(fields)  # w: [[b1, a1], [b2, a2]]
     # Rounding can put crossing arcs' cosine just above 1, where the search's
     # value is clamped: no gradient there, as through a clamp.
-    grad = torch.le(cos, 1, out=torch.empty_like(cos)).mul_(grad)
+    grad = torch.le(cos, scalar(1.0, cos), out=torch.empty_like(cos)).mul_(grad)
     b, a = w.unbind(1)
     own = w.prod(0).mul_(cos.neg_())  # -cos b1 b2, -cos a1 a2
     return torch.cat((own, (a.unsqueeze(1) * b).view(4, -1))).mul_(grad)  # then a_k b_l

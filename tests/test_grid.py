@@ -70,12 +70,13 @@ def test_grid_per_sample_is_the_per_end_one(symmetric, sphere):
     if sphere:
         c_a, c_b = own(xa, ends_a, 0, 1), own(xb, ends_b, 0, 1)
         want = arc_grid_values(per_end, c_a, c_b, symmetric)
-        got = arc_grid_values(cross, c_a, c_b, symmetric, ends_a, None if symmetric else ends_b)
+        got = arc_grid_values(cross, c_a, c_b, symmetric, ends_a.T.contiguous(), None if symmetric else ends_b.T.contiguous())
     else:
         own_a, own_b = (torch.stack([own(x, ends, k, l) for k, l in ((0, 0), (0, 1), (1, 1))])
                         for x, ends in ((xa, ends_a), (xb, ends_b)))
         want = segment_grid_values(per_end, own_a, own_b, symmetric)
-        got = segment_grid_values(cross, own_a, own_b, symmetric, ends_a, ends_b, (xa * xa).sum(1), (xb * xb).sum(1))
+        got = segment_grid_values(cross, own_a, own_b, symmetric, ends_a.T.contiguous(), ends_b.T.contiguous(),
+                                  (xa * xa).sum(1), (xb * xb).sum(1))
     assert torch.equal(got, want)
     assert got.shape == (len(ends_a), len(ends_b))
 

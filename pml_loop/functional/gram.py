@@ -97,8 +97,14 @@ def first_max(values: Tensor, index_dtype: torch.dtype = torch.int64) -> tuple[T
         return _first_max_of_few(values, index_dtype)
     best = values.amax(0)
     hit = torch.eq(values, best, out=torch.empty_like(values))
-    rank = constant(tuple(range(k, 0, -1)), values.dtype, values.device).view(k, *[1] * best.ndim)
-    return best, torch.rsub(hit.mul_(rank).amax(0), k).to(index_dtype)
+    rank = constant(tuple(_nested(r, best.ndim) for r in range(k, 0, -1)), values.dtype, values.device)  # (k, 1, ...)
+    return best, torch.sub(scalar(float(k), best), hit.mul_(rank).amax(0)).to(index_dtype)
+
+
+def _nested(value: float, depth: int):
+    for _ in range(depth):
+        value = (value,)
+    return value
 
 
 def _first_max_of_few(values: Tensor, index_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -106,11 +112,13 @@ def _first_max_of_few(values: Tensor, index_dtype: torch.dtype) -> tuple[Tensor,
     rows below the maximum, 0 / 1 values multiplied along."""
     if values.shape[0] == 1:
         return values[0].clone(), torch.zeros(values.shape[1:], dtype=index_dtype, device=values.device)
-    best = torch.maximum(values[0], values[1])
+    first, second = values[0], values[1]
+    best = torch.maximum(first, second)
     if values.shape[0] == 3:
         torch.maximum(best, values[2], out=best)
-    below = torch.lt(values[:-1], best, out=torch.empty_like(values[:-1]))
-    index = below[0] if values.shape[0] == 2 else torch.addcmul(below[0], below[0], below[1])
+    index = torch.lt(first, best, out=torch.empty_like(best))
+    if values.shape[0] == 3:
+        index.addcmul_(index, torch.lt(second, best, out=torch.empty_like(best)))
     return best, index.to(index_dtype)
 
 
@@ -128,11 +136,23 @@ def _cached_steps(n: int, step: int, dtype: torch.dtype, device: torch.device) -
     return torch.arange(0, n * step, step, dtype=dtype, device=device)
 
 
+def scalar(value: float, like: Tensor) -> Tensor:
+    """``value`` as a 0-dim tensor of ``like``'s dtype and device (cached, see
+    :func:`constant`): a Python number in a tensor operation such as
+    ``x.mul_(0.5)`` is made into a tensor at every call, four ATen calls and
+    about 1.5 us on the CPU (torch 2.13, ``benchmarks/cpu_facts.py``)."""
+    return constant(value, like.dtype, like.device)
+
+
 def take(x: Tensor, index: Tensor) -> Tensor:
     """``torch.take``: the entries of ``x`` (flattened) at ``index``, shaped
     like ``index``. Through ``index_select``, about twice as fast on the CPU
-    for 10^4 - 10^6 indices (torch 2.13, measured)."""
-    return x.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
+    for 10^4 - 10^6 indices (torch 2.13, measured); flat operands are used as
+    they are (a reshape is two ATen calls even when it changes nothing)."""
+    flat = x if x.dim() == 1 else x.view(-1) if x.is_contiguous() else x.reshape(-1)
+    if index.dim() == 1:
+        return flat.index_select(0, index)
+    return flat.index_select(0, index.view(-1) if index.is_contiguous() else index.reshape(-1)).view(index.shape)
 
 
 def scatter_add(x: Tensor, index: Tensor, values: Tensor) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import constant, first_max, steps, take
+from .gram import constant, first_max, scalar, steps, take
 
 
 def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -29,8 +29,9 @@ def arc_planes(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     of its plane. A flat arc (coincident or antipodal ends) has no plane: its
     ``s`` and ``1/s`` are 0, which makes every candidate needing the plane fail
     the strict feasibility tests below, leaving its endpoints."""
-    det = torch.rsub(c * c, 1)
-    s = torch.gt(det, 1e3 * torch.finfo(det.dtype).eps, out=torch.empty_like(det)).mul_(det).sqrt_()  # 0 if flat
+    det = torch.sub(scalar(1.0, c), c * c)
+    flat_below = scalar(1e3 * torch.finfo(det.dtype).eps, det)
+    s = torch.gt(det, flat_below, out=torch.empty_like(det)).mul_(det).sqrt_()  # 0 if flat
     return -c, s, s / det.clamp_min_(torch.finfo(det.dtype).tiny)
 
 
@@ -42,7 +43,7 @@ def _edge_values(w1: Tensor, w2: Tensor, s: Tensor, neg_c: Tensor, out: Tensor |
     Written into ``out`` if given."""
     value = torch.mul(w1, w1, out=out).addcmul_(w2, w2).sqrt_()
     inside = torch.minimum(w2, (w1 * s).addcmul_(w2, neg_c)).sign_()  # 1 strictly inside
-    return value.add_(inside.sub_(1), alpha=2)
+    return value.add_(inside.sub_(scalar(1.0, inside)), alpha=2)
 
 
 def _interior(m11: Tensor, m12: Tensor, m21: Tensor, m22: Tensor, s_q: Tensor, nc_q: Tensor, s_r: Tensor,
@@ -55,7 +56,7 @@ def _interior(m11: Tensor, m12: Tensor, m21: Tensor, m22: Tensor, s_q: Tensor, n
     s11 = (m11 * m11).addcmul_(m21, m21)  # M^T M = [[s11, s12], [s12, s22]]
     s22 = (m12 * m12).addcmul_(m22, m22)
     s12 = (m11 * m12).addcmul_(m21, m22)
-    half = (s11 - s22).mul_(0.5)
+    half = (s11 - s22).mul_(scalar(0.5, s11))
     root = (half * half).addcmul_(s12, s12).sqrt_()
     sigma = torch.add(s22, root, out=out).add_(half).sqrt_()
     # Top eigenvector of M^T M as the sum of its two textbook forms, signed so
@@ -71,7 +72,7 @@ def _interior(m11: Tensor, m12: Tensor, m21: Tensor, m22: Tensor, s_q: Tensor, n
     t_q = (u1 * s_q).addcmul_(u2, nc_q)
     t_r = (v1 * s_r).addcmul_(v2, nc_r)
     inside = torch.minimum(torch.minimum(u2, v2), torch.minimum(t_q, t_r)).sign_()
-    return sigma.add_(inside.sub_(1), alpha=2), u1, u2, v1, v2
+    return sigma.add_(inside.sub_(scalar(1.0, inside)), alpha=2), u1, u2, v1, v2
 
 
 def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = False,
@@ -80,12 +81,13 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
     pair and that of each second pair (unit ends).
 
     ``cross`` ``(s_q, s_r)``: the inner products of the first pairs' samples
-    with the second pairs'; ``ends_q`` ``(R, 2)`` and ``ends_r`` ``(C, 2)``:
-    each pair's ends as positions in them (by default ``cross`` is
-    ``(2R, 2C)``, rows and columns the pairs' first ends, then their second).
-    ``c_q`` ``(R,)`` and ``c_r`` ``(C,)``: each pair's x1.x2 (resp. x3.x4).
-    ``symmetric``: the two sets of pairs are one (``cross`` symmetric), so the
-    second set's half of the work is the transpose of the first's.
+    with the second pairs'; ``ends_q`` ``(2, R)`` and ``ends_r`` ``(2, C)``:
+    the pairs' first ends, then their second ends, as positions in them (by
+    default ``cross`` is ``(2R, 2C)``, rows and columns the pairs' first ends,
+    then their second). ``c_q`` ``(R,)`` and ``c_r`` ``(C,)``: each pair's
+    x1.x2 (resp. x3.x4). ``symmetric``: the two sets of pairs are one
+    (``cross`` symmetric), so the second set's half of the work is the
+    transpose of the first's.
 
     The optimum is a corner, an edge point (an end against the other arc) or
     the interior stationary pair: the top singular pair of the 2 x 2 cross
@@ -96,36 +98,40 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
     end: with m samples per class a sample ends m - 1 pairs.
     """
     R, C = c_q.shape[0], c_r.shape[0]
-    if ends_q is None:
-        ends_q = torch.arange(2 * R, device=cross.device).view(2, R).T
-    if ends_r is None:
-        ends_r = ends_q if symmetric else torch.arange(2 * C, device=cross.device).view(2, C).T
-    x1, x2 = ends_q.T
-    x3, x4 = ends_r.T
+    ends_q = _default_ends(ends_q, R, cross.device)
+    ends_r = ends_q if symmetric and ends_r is None else _default_ends(ends_r, C, cross.device)
     nc_r, s_r, inv_r = arc_planes(c_r)
     if symmetric:
         nc_q, s_q, inv_q = nc_r.unsqueeze(1), s_r.unsqueeze(1), inv_r.unsqueeze(1)
     else:
         nc_q, s_q, inv_q = (t.unsqueeze(1) for t in arc_planes(c_q))
     # Per first pair's end and second pair: x.x3, x.e2 of the second pair's
-    # plane, and the best corner or edge of x against the second arc: (3, 2R, C).
-    at_ends = _arc_per_sample(cross, x3, x4, nc_r, s_r, inv_r).index_select(1, torch.cat((x1, x2)))
-    m11, g23 = at_ends[0, :R], at_ends[0, R:]  # x1.x3, x2.x3
-    m12, y2 = at_ends[1, :R], at_ends[1, R:]  # x1.e2_r, x2.e2_r
-    best = torch.maximum(at_ends[2, :R], at_ends[2, R:])
+    # plane, and the best corner or edge of x against the second arc, read off
+    # at the x1 (first half) and the x2 (second half): (3, 2, R, C).
+    at_ends = _arc_per_sample(cross, ends_r[0], ends_r[1], nc_r, s_r, inv_r).index_select(1, ends_q.view(-1))
+    at_x1, at_x2 = at_ends.view(3, 2, R, C).unbind(1)
+    best = torch.maximum(at_x1[2], at_x2[2])
     if symmetric:  # x3, x4 against the first arc: the transpose
         best = torch.maximum(best, best.T)
     else:  # the same per sample of the second side and first pair, read off at x3, x4
-        best_q = _best_end(cross.index_select(0, x1), cross.index_select(0, x2), nc_q, s_q, inv_q)[1]
-        best_q = best_q.index_select(1, torch.cat((x3, x4)))
+        best_q = _best_end(cross.index_select(0, ends_q[0]), cross.index_select(0, ends_q[1]), nc_q, s_q, inv_q)[1]
+        best_q = best_q.index_select(1, ends_r.view(-1))
         torch.maximum(best, torch.maximum(best_q[:, :C], best_q[:, C:]), out=best)
-    # Interior: M in the bases (x1, e2_q), (x3, e2_r). e2_q . x3 is computed
-    # rather than transposed: elementwise work on a transposed operand runs
-    # several times slower on the CPU.
-    m21 = torch.addcmul(g23, m11, nc_q).mul_(inv_q)
-    m22 = torch.addcmul(y2, m12, nc_q).mul_(inv_q)
+    # Interior: M in the bases (x1, e2_q), (x3, e2_r): the row (x1.x3, x1.e2_r)
+    # and the row of e2_q, from the same at x2. e2_q . x3 is computed rather
+    # than transposed: elementwise work on a transposed operand runs several
+    # times slower on the CPU.
+    first_row = at_x1[:2]
+    second_row = torch.addcmul(at_x2[:2], first_row, nc_q).mul_(inv_q)
+    m11, m12 = first_row.unbind()
+    m21, m22 = second_row.unbind()
     interior = _interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r)[0]
     return torch.maximum(best, interior, out=best)
+
+
+def _default_ends(ends: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """``(2, n)``: the given ends, or by default ``0, ..., n - 1`` then ``n, ..., 2 n - 1``."""
+    return torch.arange(2 * n, device=device).view(2, n) if ends is None else ends
 
 
 def _arc_per_sample(cross: Tensor, x3: Tensor, x4: Tensor, nc: Tensor, s: Tensor, inv: Tensor) -> Tensor:
@@ -156,9 +162,10 @@ def _best_end(g3: Tensor, g4: Tensor, nc: Tensor, s: Tensor, inv: Tensor, y: Ten
 #: the first pair's (x1, x2, a projection of x3, of x4, interior) it uses, as
 #: a row of the options of :func:`_unit_weights` (option * 2 + arc).
 _OPTION_OF_CANDIDATE = ((0, 2, 0, 2, 4, 6, 0, 2, 8), (1, 1, 3, 3, 1, 3, 5, 7, 9))
-#: Rows of ``fields`` for :func:`arc_entry_optimum`: per arc, the inner
-#: products of the other pair's ends with its first end, then with its second.
-_FIRST_END, _SECOND_END = (2, 4, 2, 3), (3, 5, 4, 5)
+#: Rows of ``fields`` for :func:`arc_entry_optimum`, per (end, arc): the
+#: inner products of the other pair's first end (then of its second) with the
+#: arc's first end, then with its second; the second arc, then the first.
+_FIRST_END, _SECOND_END = (2, 2, 4, 3), (3, 4, 5, 5)
 
 
 def arc_entry_optimum(fields: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,22 +178,27 @@ def arc_entry_optimum(fields: Tensor) -> tuple[Tensor, Tensor]:
     weights the partial derivatives of the cosine are a_k b_l (cross terms),
     -cos a1 a2 and -cos b1 b2 (Danskin).
 
-    The two arcs' work is stacked (the second arc, then the first).
+    The two arcs' work is stacked (the second arc, then the first), each
+    arc's quantities ``(1, 2, N)`` against the other pair's two ends
+    ``(2, 2, N)`` (end, arc).
     """
     n = fields.shape[1]
     c = fields[:2]
-    neg_c, s, inv_s = arc_planes(c)  # (2, N)
+    neg_c, s, inv_s = arc_planes(c.unsqueeze(0))  # (1, 2, N)
     # The other pair's ends in each plane's basis: x1, x2 against (x3, e2_r),
-    # then x3, x4 against (x1, e2_q).
+    # x3, x4 against (x1, e2_q).
     w1 = fields.index_select(0, constant(_FIRST_END, torch.long, c.device)).view(2, 2, n)
     w2 = fields.index_select(0, constant(_SECOND_END, torch.long, c.device)).view(2, 2, n)
-    w2.addcmul_(w1, neg_c.unsqueeze(1)).mul_(inv_s.unsqueeze(1))
-    (nc_r, nc_q), (s_r, s_q) = neg_c, s
-    m22 = torch.addcmul(w2[0, 1], w2[0, 0], nc_q).mul_(inv_s[1])
-    candidates = torch.empty(9, n, dtype=c.dtype, device=c.device)  # corners, edges, interior
+    w2.addcmul_(w1, neg_c).mul_(inv_s)
+    nc_r, nc_q = neg_c.view(2, n)
+    s_r, s_q = s.view(2, n)
+    e2_of_first = w2[0]  # x1.e2_r, x3.e2_q
+    x1_e2r, x3_e2q = e2_of_first
+    m22 = torch.addcmul(w2[1, 0], x1_e2r, nc_q).mul_(inv_s[0, 1])
+    candidates = torch.empty(9, n, dtype=c.dtype, device=c.device)  # corners, edges (arc, end), interior
     candidates[:4] = fields[2:]
-    _edge_values(w1, w2, s.unsqueeze(1), neg_c.unsqueeze(1), out=candidates[4:8].view(2, 2, n))
-    _, u1, u2, v1, v2 = _interior(fields[2], w2[0, 0], w2[1, 0], m22, s_q, nc_q, s_r, nc_r, out=candidates[8])
+    _edge_values(w1, w2, s, neg_c, out=candidates[4:8].view(2, 2, n).transpose(0, 1))
+    _, u1, u2, v1, v2 = _interior(fields[2], x1_e2r, x3_e2q, m22, s_q, nc_q, s_r, nc_r, out=candidates[8])
     cos, which = first_max(candidates, torch.int32)
     return cos, _unit_weights(w1, w2, torch.stack((v1, u1, v2, u2)).view(2, 2, n), which, c, neg_c, inv_s)
 
@@ -198,25 +210,28 @@ def _unit_weights(w1: Tensor, w2: Tensor, interior: Tensor, which: Tensor, c: Te
     computed direction (w1, w2) of the orthonormal basis, w1 x1 + w2 e2 =
     (w1 - w2 c / s) x1 + (w2 / s) x2. The computed directions: the
     projections of the other pair's two ends ``w1``, ``w2`` ``(2, 2, N)``
-    (arc, end) and the interior one ``interior`` ``(2, 2, N)`` (w1 | w2, arc);
-    ``c``, ``neg_c``, ``inv_s``: ``(2, N)``."""
+    (end, arc) and the interior one ``interior`` ``(2, 2, N)`` (w1 | w2, arc);
+    ``c`` ``(2, N)``, ``neg_c``, ``inv_s`` ``(1, 2, N)``."""
     n = which.shape[0]
     # (weight, option, arc): the ends, then the computed directions. In this
     # order compile=True makes fewer kernels of it than in (weight, arc,
     # option) (a multi-similarity step: 141 against 145, ATen calls 601
     # against 645; benchmarks/bench_loop.py --only aten); eager, the same.
     options = torch.empty(2, 5, 2, n, dtype=c.dtype, device=c.device)
-    options[:, :2] = constant(((1.0, 0.0), (0.0, 1.0)), c.dtype, c.device).view(2, 2, 1, 1)
-    torch.mul(w2.transpose(0, 1), inv_s, out=options[1, 2:4])
-    torch.mul(interior[1], inv_s, out=options[1, 4])
-    torch.addcmul(w1.transpose(0, 1), options[1, 2:4], neg_c, out=options[0, 2:4])
-    torch.addcmul(interior[0], options[1, 4], neg_c, out=options[0, 4])
+    options[:, :2] = constant(((((1.0,),), ((0.0,),)), (((0.0,),), ((1.0,),))), c.dtype, c.device)
+    along_x1, along_x2 = options[:, 2:]  # (option, arc, N): projections of the other pair's ends, interior
+    torch.mul(w2, inv_s, out=along_x2[:2])
+    torch.mul(interior[1], inv_s, out=along_x2[2:])
+    torch.addcmul(w1, along_x2[:2], neg_c, out=along_x1[:2])
+    torch.addcmul(interior[0], along_x2[2:], neg_c, out=along_x1[2:])
     # Each arc's chosen option, as a column of options viewed as (2, 10 N)
     # (int32 positions: twice as fast to compute on the CPU as int64).
-    at = take(constant(_OPTION_OF_CANDIDATE, torch.int32, which.device).mul(n), which.unsqueeze(0)
-              + constant(((0,), (9,)), torch.int32, which.device)).add_(steps(n, 1, torch.int32, which.device))
+    option = take(constant(_OPTION_OF_CANDIDATE, torch.int32, which.device),
+                  which.unsqueeze(0) + constant(((0,), (9,)), torch.int32, which.device))
+    at = torch.add(steps(n, 1, torch.int32, which.device), option, alpha=n)
     w = options.view(2, 10 * n).index_select(1, at.view(-1)).view(2, 2, n)
-    norm_sq = (w[0] * w[0]).addcmul_(w[1], w[1]).addcmul_(w[0] * w[1], c, value=2)
+    first, second = w
+    norm_sq = (first * first).addcmul_(second, second).addcmul_(first * second, c, value=2)
     return w.mul_(norm_sq.rsqrt_())
 
 
@@ -254,11 +269,11 @@ def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor, symmetric: 
     """
     R, C = own_q.shape[1], own_r.shape[1]
     if ends_q is None:
-        ends_q, norms_q = torch.arange(2 * R, device=cross.device).view(2, R).T, own_q[0::2].reshape(-1)
+        ends_q, norms_q = _default_ends(None, R, cross.device), own_q[0::2].reshape(-1)
     if ends_r is None:
-        ends_r, norms_r = torch.arange(2 * C, device=cross.device).view(2, C).T, own_r[0::2].reshape(-1)
-    x1, x2 = ends_q.T
-    x3, x4 = ends_r.T
+        ends_r, norms_r = _default_ends(None, C, cross.device), own_r[0::2].reshape(-1)
+    x1, x2 = ends_q
+    x3, x4 = ends_r
     g11, g12, g22 = (t.unsqueeze(1) for t in own_q)
     g33, g34, g44 = own_r
     a, c = (g11 + g22).sub_(2 * g12), (g33 + g44).sub_(2 * g34)  # |x2 - x1|^2, |x4 - x3|^2
@@ -268,14 +283,14 @@ def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor, symmetric: 
     inv_c = c.masked_fill(c <= tiny_r, float("inf")).reciprocal()
     # Each sample of the first side against each second segment (x.x3, x.x4,
     # the squared distance), read off at x1, x2: (3, 2R, C).
-    at_ends = _segment_per_sample(cross, x3, x4, norms_q, g33, g34, c, inv_c).index_select(1, torch.cat((x1, x2)))
+    at_ends = _segment_per_sample(cross, x3, x4, norms_q, g33, g34, c, inv_c).index_select(1, ends_q.view(-1))
     g13, g23, g14, g24 = at_ends[0, :R], at_ends[0, R:], at_ends[1, :R], at_ends[1, R:]
     best = torch.minimum(at_ends[2, :R], at_ends[2, R:])
     if symmetric:  # x3, x4 against the first segment: the transpose
         best = torch.minimum(best, best.T)
     else:  # each sample of the second side against each first segment, read off at x3, x4
         ends = _point_segment(norms_r, cross.index_select(0, x1), cross.index_select(0, x2), g11, g11 - g12, a, inv_a)
-        ends = ends.index_select(1, torch.cat((x3, x4)))
+        ends = ends.index_select(1, ends_r.view(-1))
         torch.minimum(best, torch.minimum(ends[:, :C], ends[:, C:]), out=best)
     # Interior: with u = x2 - x1, v = x4 - x3, w = x1 - x3, |w + s u - t v|^2 is
     # stationary at (s, t) below, where it equals |w|^2 + (u.w) s - (v.w) t.
