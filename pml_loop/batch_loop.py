@@ -243,13 +243,13 @@ def measure_of_score(score: Tensor, geometry: Geometry) -> Tensor:
 
 def _pair_gram(gram: Tensor, ends: Tensor) -> Tensor:
     """``(R,)``: the inner product of each pair's two ends (``ends`` ``(2, R)``)."""
-    return take(gram, torch.add(ends[1], ends[0], alpha=gram.shape[1]))
+    return take(gram, _flat(ends[0], ends[1], gram.shape[1]))
 
 
 def _select(x: Tensor, dim: int, index: Tensor) -> Tensor:
     """``x`` indexed along ``dim`` by an index of any shape (a flat index_select:
     on the CPU several times faster than advanced indexing)."""
-    out = x.index_select(dim, index.reshape(-1))
+    out = x.index_select(dim, index.view(-1) if index.is_contiguous() else index.reshape(-1))
     return out.view(*x.shape[:dim], *index.shape, *x.shape[dim + 1:])
 
 
@@ -281,14 +281,14 @@ def _reduce_block(scores: Tensor, row: Group, col: Group, symmetric: bool = Fals
     # Winners are read off flat positions (slot * s + sample) with takes: on
     # the CPU a gather costs several times an index_select.
     (s_r, s_q), width = val.shape, q_slot.shape[1]
-    at = r_slot.mul_(s_r).add_(steps(s_r, 1, dtype, val.device).unsqueeze(1))
+    at = torch.add(steps(s_r, 1, dtype, val.device).unsqueeze(1), r_slot, alpha=s_r)
     column, q = take(col.slots, at), take(col.partner, at)  # j's winning pair in the block, and partner
     if column.dtype != dtype:
         column = column.to(dtype)
     if not col.whole:
         column.clamp_max_(width - 1)
     slot = take(q_slot, column.add_(steps(s_q, width, dtype, val.device)))  # the slot of i's pair that won against it
-    p = take(row.partner, slot.mul_(s_q).add_(steps(s_q, 1, dtype, val.device)))
+    p = take(row.partner, torch.add(steps(s_q, 1, dtype, val.device), slot, alpha=s_q))
     return (val, q, p) if symmetric else (val.T, p.T, q.T)
 
 
@@ -406,7 +406,7 @@ def _band(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tens
         i, j = k // n_r, k % n_r
     dtype = _index_dtype(n_q, n_r)
     i, j = i.to(dtype), j.to(dtype)
-    return i, j, i * n_r + j
+    return i, j, _flat(i, j, n_r)
 
 
 @functools.lru_cache(maxsize=4)
@@ -414,14 +414,22 @@ def _all_entries(n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tenso
     return _band(0, n_q, n_q, n_r, upper, device)
 
 
+def _flat(row: Tensor, col: Tensor, width: int) -> Tensor:
+    """Flat positions ``row * width + col`` in one operation (a Python number
+    as a factor would cost a conversion to a tensor, see
+    :func:`~pml_loop.functional.gram.scalar`)."""
+    return torch.add(col, row, alpha=width)
+
+
 def _entry_quad_gram(g: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor) -> QuadGram:
     """QuadGram of (x_i, x_p | x_j, x_q) for entries given as flat index tensors."""
     n_q, n_r = g.qr.shape
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
     return QuadGram(
-        take(dq, i), take(g.qq, i * n_q + p), take(dq, p),
-        take(dr, j), take(g.rr, j * n_r + q), take(dr, q),
-        take(g.qr, i * n_r + j), take(g.qr, i * n_r + q), take(g.qr, p * n_r + j), take(g.qr, p * n_r + q),
+        take(dq, i), take(g.qq, _flat(i, p, n_q)), take(dq, p),
+        take(dr, j), take(g.rr, _flat(j, q, n_r)), take(dr, q),
+        take(g.qr, _flat(i, j, n_r)), take(g.qr, _flat(i, q, n_r)), take(g.qr, _flat(p, j, n_r)),
+        take(g.qr, _flat(p, q, n_r)),
     )
 
 
@@ -429,9 +437,10 @@ def _add_partials(d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, par
     """Add the entries' gradient to the Gram blocks: the transpose of each
     ``take`` of :func:`_entry_quad_gram`, one scatter per block."""
     n_q, n_r = d.qr.shape
-    cross = [(i * n_r + j, parts.g13), (i * n_r + q, parts.g14), (p * n_r + j, parts.g23), (p * n_r + q, parts.g24)]
-    first = [(i * (n_q + 1), parts.g11), (i * n_q + p, parts.g12), (p * (n_q + 1), parts.g22)]
-    second = [(j * (n_r + 1), parts.g33), (j * n_r + q, parts.g34), (q * (n_r + 1), parts.g44)]
+    cross = [(_flat(i, j, n_r), parts.g13), (_flat(i, q, n_r), parts.g14), (_flat(p, j, n_r), parts.g23),
+             (_flat(p, q, n_r), parts.g24)]
+    first = [(_flat(i, i, n_q), parts.g11), (_flat(i, p, n_q), parts.g12), (_flat(p, p, n_q), parts.g22)]
+    second = [(_flat(j, j, n_r), parts.g33), (_flat(j, q, n_r), parts.g34), (_flat(q, q, n_r), parts.g44)]
     blocks = [(d.qr, cross + first + second)] if d.same_set else [(d.qr, cross), (d.qq, first), (d.rr, second)]
     for target, pieces in blocks:
         pieces = [(at, v) for at, v in pieces if v is not None]

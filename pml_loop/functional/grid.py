@@ -276,7 +276,7 @@ def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor, symmetric: 
     x3, x4 = ends_r
     g11, g12, g22 = (t.unsqueeze(1) for t in own_q)
     g33, g34, g44 = own_r
-    a, c = (g11 + g22).sub_(2 * g12), (g33 + g44).sub_(2 * g34)  # |x2 - x1|^2, |x4 - x3|^2
+    a, c = (g11 + g22).sub_(g12, alpha=2), (g33 + g44).sub_(g34, alpha=2)  # |x2 - x1|^2, |x4 - x3|^2
     eps = torch.finfo(cross.dtype).eps
     tiny_q, tiny_r = eps * ((g11 + g22).abs() + 1), eps * ((g33 + g44).abs() + 1)  # degeneracy is relative
     inv_a = a.masked_fill(a <= tiny_q, float("inf")).reciprocal()  # 0 for a point
@@ -304,7 +304,7 @@ def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor, symmetric: 
     s = (b * e).sub_(c * d).div_(det)
     t = (a * e).sub_(b * d).div_(det)
     inside = well_posed & (torch.minimum(s, t) > 0) & (torch.maximum(s, t) < 1)
-    interior = (g11 + g33 - 2 * g13).addcmul_(d, s).addcmul_(e, t, value=-1)
+    interior = (g11 + g33).sub_(g13, alpha=2).addcmul_(d, s).addcmul_(e, t, value=-1)
     return torch.minimum(best, interior.masked_fill_(~inside, float("inf")), out=best)
 
 
