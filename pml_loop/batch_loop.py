@@ -11,16 +11,16 @@ Entry (i, j) is the optimum over the pairs owned by i (query side) and by j
    (:class:`Winners`). Which candidate wins and where is not tracked: that
    would cost more passes over every combination than finding it again for
    the winners alone.
-2. **Gradient** (backward only): for each entry that receives a gradient, its
-   winning combination's optimum is found again (which candidate, and the
-   optimal weights), and the partial derivatives of the measure at those
-   fixed weights are scattered to the Gram blocks (Danskin). An autograd
-   function keeps only the winners; for one set only the upper triangle is
-   visited.
+2. **Gradient** (backward only): for each winning combination that receives
+   a gradient (on the CPU the entries' gradients are summed per combination
+   first: entries share winners), its optimum is found again (which
+   candidate, and the optimal weights), and the partial derivatives of the
+   measure at those fixed weights are scattered to the Gram blocks
+   (Danskin). An autograd function keeps only the winners.
 
 Peak extra memory: about ``40 * chunk_elements`` values for the temporaries
-of one block, plus ``O(n_q * n_r)`` for the entries; see
-:func:`memory_bound_bytes`.
+of one block, a table of at most ``16 * chunk_elements`` combinations, plus
+``O(n_q * n_r)`` for the entries; see :func:`memory_bound_bytes`.
 """
 from __future__ import annotations
 
@@ -50,6 +50,14 @@ DEFAULT_GPU_CHUNK_ELEMENTS = 2**24
 _TEMPORARIES_PER_ELEMENT = 40
 
 
+#: The gradient pass sums the entries' gradients per winning combination in
+#: a table of every combination when it holds at most ``_COMBO_WEIGHT *
+#: chunk_elements`` values (B = 1024 at 4 per class: 2.4 M combinations) and
+#: at most ``_COMBOS_PER_ENTRY`` per entry (up to 5 per class: with more, the
+#: table costs more to clear and scan than sharing saves).
+_COMBO_WEIGHT = 16
+_COMBOS_PER_ENTRY = 4
+
 #: An entry of the gradient pass keeps about four times the temporaries of a
 #: combination of the search (its six inner products and their flat
 #: positions, the nine candidates and five directions of each pair): chunks of
@@ -61,11 +69,14 @@ def memory_bound_bytes(n_q: int, n_r: int, chunk_elements: int, itemsize: int = 
     """Documented bound on the extra memory of one LoOp matrix (search + gradient).
 
     ``40 * chunk_elements`` values for the temporaries of one block or row
-    chunk, and per entry: the winners (two int32 partners and the value), the
-    Gram block, the negative mask and the matrices that turn it into the
-    loss's units (with what autograd keeps of them).
+    chunk; the gradient pass's table of ``16 * chunk_elements`` combinations
+    and its non-zero ones (an int64 and an int32 index and a value each); and
+    per entry: the winners (an int32 combination and the value), the Gram
+    block, the negative mask and the matrices that turn it into the loss's
+    units (with what autograd keeps of them).
     """
-    return _TEMPORARIES_PER_ELEMENT * chunk_elements * itemsize + n_q * n_r * (9 + 1 + 8 * itemsize)
+    table = _COMBO_WEIGHT * chunk_elements * (2 * itemsize + 12)
+    return _TEMPORARIES_PER_ELEMENT * chunk_elements * itemsize + table + n_q * n_r * (5 + 1 + 8 * itemsize)
 
 
 class GramBlocks(NamedTuple):
@@ -99,10 +110,9 @@ class Group(NamedTuple):
     local:   ``(2, R)`` the same as positions in ``samples``.
     slots:   ``(deg, s)`` int32, each sample's owned pairs as offsets in the
              range; ``stop - start`` (a padding row/column) for pairs outside it.
-    partner: ``(deg, s)`` int32, the other end of each of those pairs (see
-             :class:`PairTable`). Both slot-major: the search selects rows by
-             the slots and reads a winner's pair and partner off its flat
-             position.
+    pairs:   ``(deg, s)`` int32, the same pairs as indices in the table. Both
+             slot-major: the search selects rows by the slots and reads a
+             winner's pair off its flat position.
     whole:   every pair of these samples lies in the range (no padding).
     label:   the class of the range when it holds a single class, else ``None``.
     span:    ``(a, b)`` when the samples are exactly ``a, a + 1, ..., b - 1``
@@ -115,7 +125,7 @@ class Group(NamedTuple):
     ends: Tensor
     local: Tensor
     slots: Tensor
-    partner: Tensor
+    pairs: Tensor
     whole: bool
     label: int | None
     span: tuple[int, int] | None
@@ -150,8 +160,8 @@ def class_groups(table: PairTable, limit: int) -> list[Group]:
         spans.append((start, stop, classes, False))
     if len(spans) == 1:
         ends = table.ends.T.contiguous()
-        return [Group(0, table.num_pairs, None, ends, ends, _slot_major(table.owned),
-                      _slot_major(table.partner), True, None, (0, len(table.owned)))]
+        owned = _slot_major(table.owned)
+        return [Group(0, table.num_pairs, None, ends, ends, owned, owned, True, None, (0, len(table.owned)))]
     pair_labels = table.labels.tolist()
     return [_group(table, a, b, pair_labels[a] if k == 1 else None, split) for a, b, k, split in spans]
 
@@ -165,8 +175,58 @@ def _group(table: PairTable, start: int, stop: int, label: int | None, split: bo
     first, last = samples[[0, -1]].tolist()
     span = (first, last + 1) if last - first + 1 == len(samples) else None
     return Group(start, stop, samples, ends, torch.searchsorted(samples, ends),
-                 _slot_major(slots.masked_fill(outside, stop - start)), _slot_major(table.partner[samples]), whole,
+                 _slot_major(slots.masked_fill(outside, stop - start)), _slot_major(table.owned[samples]), whole,
                  label, span)
+
+
+class Combos(NamedTuple):
+    """How a combination of a first pair P (of ``table_q``'s ``K_q``) and a
+    second pair Q (of ``table_r``'s ``K_r``) is numbered: ``P K_r + Q``; within
+    one set (``one_set``) the pair of smaller index first, ``min K + max``,
+    so that entry (i, j) and entry (j, i) name the same combination.
+
+    ends_q, ends_r: ``(2, K)`` the pairs' ends (first ends, then second ends).
+    """
+
+    ends_q: Tensor
+    ends_r: Tensor
+    one_set: bool
+
+    @property
+    def count(self) -> int:
+        return self.ends_q.shape[1] * self.ends_r.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int32 if self.count < 2**31 else torch.int64
+
+    def of(self, pair_q: Tensor, pair_r: Tensor) -> Tensor:
+        """The combination of pairs ``pair_q`` and ``pair_r`` (int32, any shape)."""
+        if self.dtype != pair_q.dtype:
+            pair_q, pair_r = pair_q.to(self.dtype), pair_r.to(self.dtype)
+        if self.one_set:
+            return torch.add(torch.maximum(pair_q, pair_r), torch.minimum(pair_q, pair_r), alpha=self.ends_r.shape[1])
+        return torch.add(pair_r, pair_q, alpha=self.ends_r.shape[1])
+
+    def ends(self, combo: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The four samples (x1, x2 | x3, x4) of each combination: the first
+        pair's ends, then the second's (for one set, in the numbering's order)."""
+        width = self.ends_r.shape[1]
+        first = torch.div(combo, constant(width, combo.dtype, combo.device), rounding_mode="floor")
+        second = torch.sub(combo, first, alpha=width)
+        return (take(self.ends_q[0], first), take(self.ends_q[1], first),
+                take(self.ends_r[0], second), take(self.ends_r[1], second))
+
+    def partners(self, combo: Tensor) -> tuple[Tensor, Tensor]:
+        """``(p, q)`` of each entry (i, j) of ``combo`` ``(n_q, n_r)``: the
+        other ends of the pairs of i and of j (int64)."""
+        x1, x2, x3, x4 = self.ends(combo)
+        i = torch.arange(combo.shape[0], device=combo.device).unsqueeze(1)
+        if self.one_set:  # which of the two pairs is i's
+            swap = (x1 != i) & (x2 != i)
+            x1, x2, x3, x4 = (torch.where(swap, b, a) for a, b in ((x1, x3), (x2, x4), (x3, x1), (x4, x2)))
+        j = torch.arange(combo.shape[1], device=combo.device)
+        return torch.where(x1 == i, x2, x1).long(), torch.where(x3 == j, x4, x3).long()
 
 
 class SearchPlan(NamedTuple):
@@ -178,6 +238,7 @@ class SearchPlan(NamedTuple):
 
     rows: list[Group]
     cols: list[Group]
+    combos: Combos
     symmetric: bool = False
 
     @property
@@ -190,10 +251,11 @@ class SearchPlan(NamedTuple):
 def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> SearchPlan:
     """Blocks of at most ``chunk_elements`` combinations (at least one pair each way)."""
     kq, kr = table_q.num_pairs, table_r.num_pairs
+    combos = Combos(_int_ends(table_q), _int_ends(table_r), table_q is table_r)
     if table_q is table_r and kq * kr > chunk_elements:
         # LoOp is symmetric: cut both sides alike and search half the blocks.
         groups = class_groups(table_q, max(1, int(chunk_elements**0.5)))
-        return SearchPlan(groups, groups, len(groups) > 1)
+        return SearchPlan(groups, groups, combos, len(groups) > 1)
     if kr * min(kq, 16) <= chunk_elements:
         col_limit = kr  # full rows of the grid: fewest blocks
     else:
@@ -201,7 +263,12 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
     cols = class_groups(table_r, col_limit)
     width = max(g.stop - g.start for g in cols)
     rows = class_groups(table_q, max(1, chunk_elements // width))
-    return SearchPlan(rows, cols)
+    return SearchPlan(rows, cols, combos)
+
+
+def _int_ends(table: PairTable) -> Tensor:
+    """``(2, K)`` int32: the pairs' first ends, then their second ends."""
+    return table.ends.T.int().contiguous()
 
 
 # -- pass 1: search ----------------------------------------------------------------
@@ -260,15 +327,18 @@ def _pad(x: Tensor, dim: int, value: float) -> Tensor:
     return torch.cat((x, x.new_full(shape, value)), dim)
 
 
-def _reduce_block(scores: Tensor, row: Group, col: Group, symmetric: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _reduce_block(scores: Tensor, row: Group, col: Group, combos: Combos, symmetric: bool = False
+                  ) -> tuple[Tensor, Tensor]:
     """Block scores ``(R, C)`` -> per (row sample, column sample) the best score
-    and the partners p, q (int32) whose pairs realise it, each ``(s_q, s_r)``.
+    and the combination of pairs that realises it (see :class:`Combos`), each
+    ``(s_q, s_r)``.
 
     Both reductions run over the leading dimension of a row selection (on the
     CPU, selecting and reducing along an inner dimension costs several times
     more), so the results come out as ``(s_r, s_q)``. ``symmetric`` (a diagonal
     block within one set): they are read as ``(s_q, s_r)`` as they are, since
-    entry (j, i) is entry (i, j) with the two pairs swapped; otherwise transposed.
+    entry (j, i) is entry (i, j) with the two pairs swapped (the same
+    combination); otherwise transposed.
     """
     if not row.whole:  # a padding row for the pairs outside the block
         scores = _pad(scores, 0, float("-inf"))
@@ -282,24 +352,30 @@ def _reduce_block(scores: Tensor, row: Group, col: Group, symmetric: bool = Fals
     # the CPU a gather costs several times an index_select.
     (s_r, s_q), width = val.shape, q_slot.shape[1]
     at = torch.add(steps(s_r, 1, dtype, val.device).unsqueeze(1), r_slot, alpha=s_r)
-    column, q = take(col.slots, at), take(col.partner, at)  # j's winning pair in the block, and partner
+    column, pair_r = take(col.slots, at), take(col.pairs, at)  # j's winning pair: in the block, in the table
     if column.dtype != dtype:
         column = column.to(dtype)
     if not col.whole:
         column.clamp_max_(width - 1)
     slot = take(q_slot, column.add_(steps(s_q, width, dtype, val.device)))  # the slot of i's pair that won against it
-    p = take(row.partner, torch.add(steps(s_q, 1, dtype, val.device), slot, alpha=s_q))
-    return (val, q, p) if symmetric else (val.T, p.T, q.T)
+    pair_q = take(row.pairs, torch.add(steps(s_q, 1, dtype, val.device), slot, alpha=s_q))
+    combo = combos.of(pair_q, pair_r)
+    return (val, combo) if symmetric else (val.T, combo.T)
 
 
 class Winners(NamedTuple):
-    """The optimum of every entry (i, j), each ``(n_q, n_r)``: the partners p of
-    i and q of j whose pairs (i, p) and (j, q) realise it (int32), and its
-    measure (cosine, dot product or squared distance; no gradient)."""
+    """The optimum of every entry (i, j), each ``(n_q, n_r)``: the combination
+    of a pair of i and a pair of j that realises it (numbered by ``combos``),
+    and its measure (cosine, dot product or squared distance; no gradient)."""
 
-    partner_q: Tensor
-    partner_r: Tensor
+    combo: Tensor
     value: Tensor
+    combos: Combos
+
+    def partners(self) -> tuple[Tensor, Tensor]:
+        """``(p, q)``, each ``(n_q, n_r)``: the partners whose pairs (i, p) and
+        (j, q) realise entry (i, j)."""
+        return self.combos.partners(self.combo)
 
 
 @torch.no_grad()
@@ -309,29 +385,29 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
     of one class get a valid but meaningless winner)."""
     g = GramBlocks(*([g.qr.detach()] * 3 if g.same_set else (x.detach() for x in g)))
     n_q, n_r = table_q.owned.shape[0], table_r.owned.shape[0]
+    combos = plan.combos
     block_values = maybe_compiled(_block_values, compile)
     if plan.rows[0].samples is None and plan.cols[0].samples is None:  # one block: no merging
         symmetric = table_q is table_r and g.same_set
         scores = block_values(g, plan.rows[0], plan.cols[0], geometry, symmetric)
-        best, p, q = _reduce_block(scores, plan.rows[0], plan.cols[0], symmetric)
-        return Winners(p.contiguous(), q.contiguous(), measure_of_score(best.contiguous(), geometry))
+        best, combo = _reduce_block(scores, plan.rows[0], plan.cols[0], combos, symmetric)
+        return Winners(combo.contiguous(), measure_of_score(best.contiguous(), geometry), combos)
     # Entries no block reaches (one class on both sides) keep the corner (i, j),
-    # the optimum of the points (i, i) and (j, j); every combination has it as a candidate.
+    # the optimum of the points (i, i) and (j, j), and any combination: they
+    # are no negative entries, so neither is used.
     device = g.qr.device
     best = g.qr.clone() if geometry != "segment" else _corner_scores(g)
-    out = (torch.arange(n_q, device=device, dtype=torch.int32)[:, None].repeat(1, n_r),
-           torch.arange(n_r, device=device, dtype=torch.int32)[None, :].repeat(n_q, 1))
-
+    combo = torch.zeros(n_q, n_r, dtype=combos.dtype, device=device)
     disjoint = plan.disjoint
 
-    def settle(row: Group, col: Group, results: tuple[Tensor, Tensor, Tensor]) -> None:
-        """Enter a block's best values and partners: written where each entry
-        lies in one block only (``disjoint``), else kept where better."""
+    def settle(row: Group, col: Group, results: tuple[Tensor, Tensor]) -> None:
+        """Enter a block's best values and combinations: written where each
+        entry lies in one block only (``disjoint``), else kept where better."""
         if row.span is not None and col.span is not None:
             at = (slice(*row.span), slice(*col.span))
         else:
             at = (_samples(row, n_q, device)[:, None], _samples(col, n_r, device)[None, :])
-        targets = (best, *out)
+        targets = (best, combo)
         if not disjoint:
             current = [t[at] for t in targets]
             better = results[0] > current[0]
@@ -345,11 +421,11 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
                 continue  # the mirror of a searched block, or one class on both sides
             diagonal = plan.symmetric and c == r
             scores = block_values(g, row, col, geometry, diagonal)
-            val, p, q = _reduce_block(scores, row, col, diagonal)
-            settle(row, col, (val, p, q))
+            results = _reduce_block(scores, row, col, combos, diagonal)
+            settle(row, col, results)
             if plan.symmetric and c > r:  # entry (j, i) is entry (i, j) with its two pairs swapped
-                settle(col, row, (val.T, q.T, p.T))
-    return Winners(*out, measure_of_score(best, geometry))
+                settle(col, row, tuple(x.T for x in results))
+    return Winners(combo, measure_of_score(best, geometry), combos)
 
 
 def _corner_scores(g: GramBlocks) -> Tensor:
@@ -494,14 +570,21 @@ def _arc_entries(g: GramBlocks, d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, 
 def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: Winners, geometry: Geometry,
                   chunk_elements: int, compile: bool, grad_out: Tensor, sparse: bool | None = None) -> GramBlocks:
     """The gradient of the winners' measures ``(n_q, n_r)`` to the Gram blocks:
-    for each entry its winning combination's optimal weights are found again
+    for each winning combination of pairs its optimal weights are found again
     (a handful of entries' worth of work, not the search) and the measure's
-    partial derivatives at those fixed weights are added, chunk by chunk, for
-    the entries that receive a gradient. For one set (``same_set``, one
-    symmetric matrix) only the upper triangle is visited and the whole
-    gradient is in the ``qr`` field. ``sparse``: visit only the entries with a
-    non-zero gradient (hinge losses leave many without); finding them is a
-    host sync, so by default only on the CPU."""
+    partial derivatives at those fixed weights are added, chunk by chunk. For
+    one set (``same_set``, one symmetric matrix) the whole gradient is in the
+    ``qr`` field.
+
+    ``grad_out`` is zero off the negative entries. ``sparse`` (by default on
+    the CPU): the entries' gradients are first summed per combination, in a
+    table of every combination when it is small enough (``_COMBO_WEIGHT``),
+    and only combinations with a non-zero sum are visited: entries share their
+    winning combination (with m per class, about half of them for m = 4,
+    three in four for m = 2), and hinge losses leave many entries without a
+    gradient. Finding them is a host sync. Otherwise (a GPU) every entry is
+    visited, of the upper triangle for one set; with ``sparse`` but too many
+    combinations, every entry with a non-zero gradient."""
     if same_set:
         g = GramBlocks(qq, qq, qq)
         zero = torch.zeros_like(qr)
@@ -509,15 +592,26 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
     else:
         g = GramBlocks(qq, rr, qr)
         d = GramBlocks(torch.zeros_like(qq), torch.zeros_like(rr), torch.zeros_like(qr))
+    combos = winners.combos
+    if sparse is None:
+        sparse = qr.device.type == "cpu"
+    step = max(1, chunk_elements // _ENTRY_WEIGHT)
     n_q, n_r = qr.shape
+    if sparse and combos.count <= min(_COMBO_WEIGHT * chunk_elements, _COMBOS_PER_ENTRY * n_q * n_r):
+        summed = grad_out.new_zeros(combos.count)
+        scatter_add(summed, winners.combo, grad_out)  # for one set, (i, j) and (j, i) name the same combination
+        ids = summed.nonzero().squeeze(1)
+        grads = summed.index_select(0, ids)
+        del summed
+        ids = ids.to(combos.dtype)
+        for a in range(0, len(ids), step):
+            _add_combos(g, d, combos.ends(ids[a:a + step]), grads[a:a + step], geometry, compile)
+        return d
     if same_set:  # the value stands at (i, j) and (j, i)
         grad_out = grad_out + grad_out.T
     grad_flat = grad_out.reshape(-1)
-    partials = maybe_compiled(_entry_partials, compile)
-    if sparse is None:
-        sparse = qr.device.type == "cpu"
-    for a, b in _entry_chunks(n_q, n_r, same_set, max(1, chunk_elements // _ENTRY_WEIGHT)):
-        i, j, at = _entries(a, b, n_q, n_r, same_set, qr.device)
+    for a, b in _entry_chunks(n_q, n_r, same_set, step):
+        at = _entries(a, b, n_q, n_r, same_set, qr.device)[2]
         grad = take(grad_flat, at)
         if sparse:
             live = int(torch.count_nonzero(grad))  # a reduction: far cheaper than nonzero() when all are live
@@ -525,13 +619,21 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
                 continue
             if live < 0.9 * grad.numel():
                 keep = grad.nonzero().squeeze(1)
-                i, j, at, grad = i[keep], j[keep], at[keep], grad[keep]
-        p, q = take(winners.partner_q, at).to(i.dtype), take(winners.partner_r, at).to(i.dtype)
-        if geometry == "arc":
-            _arc_entries(g, d, i, j, p, q, grad, compile)
-        else:
-            _add_partials(d, i, j, p, q, partials(_entry_quad_gram(g, i, j, p, q), grad, geometry))
+                at, grad = at[keep], grad[keep]
+        _add_combos(g, d, combos.ends(take(winners.combo, at)), grad, geometry, compile)
     return d
+
+
+def _add_combos(g: GramBlocks, d: GramBlocks, ends: tuple[Tensor, Tensor, Tensor, Tensor], grad: Tensor,
+                geometry: Geometry, compile: bool) -> None:
+    """Add ``grad`` times the partial derivatives of the optimum of each
+    combination of pairs (x_i, x_p | x_j, x_q), given by its ``ends``, to ``d``."""
+    i, p, j, q = ends
+    if geometry == "arc":
+        _arc_entries(g, d, i, j, p, q, grad, compile)
+    else:
+        partials = maybe_compiled(_entry_partials, compile)
+        _add_partials(d, i, j, p, q, partials(_entry_quad_gram(g, i, j, p, q), grad, geometry))
 
 
 #: How a measure becomes the base distance's units: the Euclidean distance

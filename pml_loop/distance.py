@@ -250,7 +250,7 @@ class LoOpDistance(BaseDistance):
         if self._shared is None:
             return None
         w = self._shared.winners
-        return w.partner_q.long(), w.partner_r.long()
+        return w.partners()
 
     # -- internals ---------------------------------------------------------------
     def _output_dtype(self, query: Tensor, ref: Tensor) -> torch.dtype:

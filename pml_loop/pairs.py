@@ -27,15 +27,12 @@ class PairTable(NamedTuple):
     labels: ``(K,)`` the class of each pair.
     runs:   the number of pairs of each class, in order (host integers: they
             decide how the search is cut into blocks).
-    partner: ``(n, deg)`` for each owned pair, its other end (the sample itself
-            for a point), int32 (what the search reports).
     """
 
     ends: Tensor
     owned: Tensor
     labels: Tensor
     runs: tuple[int, ...]
-    partner: Tensor
 
     @property
     def num_pairs(self) -> int:
@@ -96,7 +93,7 @@ def positive_pair_table(
         # Sample i owns the pair that starts at i.
         owned = torch.empty(n, dtype=torch.long, device=device)
         owned[ends[:, 0]] = torch.arange(n, device=device)
-        return _table(ends, owned.unsqueeze(1), pair_labels, runs)
+        return PairTable(ends, owned.unsqueeze(1), pair_labels, runs)
     i, p = torch.triu(same, diagonal=1).nonzero(as_tuple=True)
     lonely = idx[~has_partner]
     ends = torch.cat((torch.stack((i, p), 1), torch.stack((lonely, lonely), 1)), 0)
@@ -106,13 +103,7 @@ def positive_pair_table(
     is_point = ends[:, 0] == ends[:, 1]
     owner = torch.cat((ends[:, 0], ends[~is_point, 1]))
     ids = torch.cat((pair_id, pair_id[~is_point]))
-    return _table(ends, _group_by_owner(owner, ids, n), pair_labels, runs)
-
-
-def _table(ends: Tensor, owned: Tensor, pair_labels: Tensor, runs: tuple[int, ...]) -> PairTable:
-    owner = torch.arange(len(owned), device=owned.device).unsqueeze(1)
-    first, second = ends[owned, 0], ends[owned, 1]
-    return PairTable(ends, owned, pair_labels, runs, torch.where(first != owner, first, second).int())
+    return PairTable(ends, _group_by_owner(owner, ids, n), pair_labels, runs)
 
 
 def partition_key(labels: Tensor) -> Tensor:

@@ -143,30 +143,50 @@ def test_first_max_is_the_first_maximum(k):
         assert torch.equal(v.amax(0) + 1, best)
 
 
-def test_sparse_backward_equals_the_dense_one():
-    """Skipping entries without gradient (the CPU default) changes nothing."""
-    from pml_loop.batch_loop import _winners_grad, gram_blocks, search_plan, search_winners
+def test_gradient_per_combination_equals_the_per_entry_one(monkeypatch):
+    """Summing the entries' gradients per winning combination and visiting
+    only combinations with a non-zero sum (the CPU default) gives the gradient
+    of visiting every entry (a GPU's way), and visits fewer combinations than
+    there are entries with a gradient: entries share winning combinations.
+    With too many combinations for the table it visits the entries with a
+    gradient, one by one."""
+    import pml_loop.batch_loop as bl
     from pml_loop.pairs import positive_pair_table
     g = torch.Generator().manual_seed(9)
     x = F.normalize(torch.randn(24, 5, generator=g, dtype=torch.float64), dim=1)
     labels = torch.arange(6).repeat_interleave(4)
     table = positive_pair_table(labels)
-    for chunk in (2**18, 37):
-        blocks = gram_blocks(x, x, True)
-        winners = search_winners(blocks, table, table, "arc", search_plan(table, table, chunk))
+    visited = []
+    original = bl._add_combos
+    monkeypatch.setattr(bl, "_add_combos", lambda g, d, ends, grad, *a: visited.append(len(grad)) or original(g, d, ends, grad, *a))
+    # a search in one block or in many; a table of combinations, or none (a
+    # chunk too small for one, or more than 4 combinations per entry)
+    for search_chunk, chunk, table_weight in ((2**18, 2**18, 4), (37, 2**18, 4), (37, 37, 4), (37, 2**18, 0)):
+        monkeypatch.setattr(bl, "_COMBOS_PER_ENTRY", table_weight)
+        per_combination = chunk == 2**18 and table_weight > 0
+        blocks = bl.gram_blocks(x, x, True)
+        winners = bl.search_winners(blocks, table, table, "arc", bl.search_plan(table, table, search_chunk))
         grad = torch.randn(24, 24, generator=g, dtype=torch.float64)
-        grad[torch.rand(24, 24, generator=g) < 0.7] = 0
-        dense, sparse = (_winners_grad(x @ x.T, x @ x.T, x @ x.T, True, winners, "arc", chunk, False, grad, s)
-                         for s in (False, True))
-        assert torch.equal(dense.qr, sparse.qr) and dense.qr.abs().sum() > 0
+        grad[torch.rand(24, 24, generator=g) < 0.5] = 0
+        grad *= labels[:, None] != labels[None, :]  # as the loss hands it over: negative entries only
+        live = int(torch.count_nonzero(torch.triu(grad + grad.T)))
+        results = []
+        for sparse in (False, True):
+            visited.clear()
+            d = bl._winners_grad(x @ x.T, x @ x.T, x @ x.T, True, winners, "arc", chunk, False, grad, sparse)
+            results.append((d.qr + d.qr.T, sum(visited)))
+        (dense, n_dense), (sparse, n_sparse) = results
+        assert torch.allclose(dense, sparse, rtol=0, atol=1e-12) and dense.abs().sum() > 0
+        assert n_dense == 24 * 23 // 2
+        assert n_sparse < live if per_combination else live <= n_sparse < n_dense  # chunks of 9: a 90 % live one is whole
 
 
 @pytest.mark.parametrize("geometry", ["arc", "segment"])
 @pytest.mark.parametrize("same_set", [True, False])
 def test_int64_positions_give_the_int32_gradient(monkeypatch, geometry, same_set):
-    """Batches too large for int32 positions (46,341 rows and more) take the
-    int64 path: forced here on a small batch, it must give the same winners
-    (search) and the same gradient."""
+    """Batches too large for int32 positions (46,341 rows and more, or 2**31
+    pair combinations) take the int64 path: forced here on a small batch, it
+    must give the same winners (search) and the same gradient."""
     import pml_loop.batch_loop as bl
     from pml_loop.pairs import positive_pair_table
     g = torch.Generator().manual_seed(10)
@@ -180,13 +200,47 @@ def test_int64_positions_give_the_int32_gradient(monkeypatch, geometry, same_set
     blocks = bl.gram_blocks(x, y, same_set)
     winners = bl.search_winners(blocks, tq, tr, geometry, bl.search_plan(tq, tr, 2**18))
     grad = torch.randn(*blocks.qr.shape, generator=g, dtype=torch.float64)
-    run = lambda: bl._winners_grad(*blocks, same_set, winners, geometry, 37, False, grad)  # noqa: E731
+    grad *= lq[:, None] != (lq if same_set else lr)[None, :]  # as the loss hands it over: negative entries only
+    # chunk 37: per entry (too many combinations for a table), 2**18: per combination
+    run = lambda: [bl._winners_grad(*blocks, same_set, winners, geometry, chunk, False, grad)  # noqa: E731
+                   for chunk in (37, 2**18)]
+    assert winners.combos.count > bl._COMBO_WEIGHT * 37
     assert bl._index_dtype(20, 20) == torch.int32
-    narrow = run()
+    narrow, per_combination = run()
+    sym = (lambda d: d + d.T) if same_set else (lambda d: d)
+    for a, b in zip(narrow, per_combination):
+        assert torch.allclose(sym(a), sym(b), atol=1e-12)
     monkeypatch.setattr(bl, "_index_dtype", lambda n_q, n_r: torch.int64)
+    monkeypatch.setattr(bl.Combos, "dtype", property(lambda self: torch.int64))  # 2**31 combinations and more
     wide_winners = bl.search_winners(blocks, tq, tr, geometry, bl.search_plan(tq, tr, 2**18))
-    assert all(torch.equal(a, b) for a, b in zip(winners, wide_winners))
-    wide = run()
-    for a, b in zip(narrow, wide):
-        assert torch.allclose(a, b, atol=1e-12)
+    assert wide_winners.combo.dtype == torch.int64 and torch.equal(winners.combo.long(), wide_winners.combo)
+    assert torch.equal(winners.value, wide_winners.value)
+    for wide in run():
+        for a, b in zip(narrow, wide):
+            assert torch.allclose(sym(a), sym(b), atol=1e-12)
     assert narrow.qr.abs().sum() > 0
+
+
+@pytest.mark.parametrize("same_set", [True, False])
+def test_winners_name_the_partners_that_realise_each_entry(same_set):
+    """A winner is a combination of pairs; ``partners()`` reads off, for each
+    negative entry (i, j), the partners p of i and q of j whose arcs give
+    the entry's value (checked with the per-quadruple functional)."""
+    import pml_loop.batch_loop as bl
+    from pml_loop.functional import loop_distance
+    from pml_loop.pairs import positive_pair_table
+    g = torch.Generator().manual_seed(11)
+    x = F.normalize(torch.randn(18, 6, generator=g, dtype=torch.float64), dim=1)
+    y = x if same_set else F.normalize(torch.randn(12, 6, generator=g, dtype=torch.float64), dim=1)
+    lq = torch.randperm(18, generator=g) % 5  # shuffled classes of 3 - 4
+    lr = lq if same_set else torch.arange(12) % 4
+    tq = positive_pair_table(lq)
+    tr = tq if same_set else positive_pair_table(lr)
+    for chunk in (2**18, 37):
+        winners = bl.search_winners(bl.gram_blocks(x, y, same_set), tq, tr, "arc", bl.search_plan(tq, tr, chunk))
+        p, q = winners.partners()
+        i, j = (lq[:, None] != lr[None, :]).nonzero(as_tuple=True)
+        p, q = p[i, j], q[i, j]
+        assert (lq[p] == lq[i]).all() and (lr[q] == lr[j]).all()
+        chord = loop_distance(x[i], x[p], y[j], y[q], sphere=True)
+        assert torch.allclose(1 - chord**2 / 2, winners.value[i, j], atol=1e-12)
