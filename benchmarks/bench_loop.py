@@ -9,8 +9,8 @@ Nothing here is a test: it prints ratios measured in one run, the variants
 interleaved round by round so that machine load hits each alike.
 ``--against`` takes another checkout (e.g. ``git worktree add /tmp/before
 <commit>``) and times its LoOpLoss in the same process, interleaved with this
-one's, in the speed and train tables and for the search pass of the parts
-table: on a machine whose speed drifts, two builds compare reliably only
+one's, in the speed and train tables and for the search and gradient passes
+of the parts table: on a machine whose speed drifts, two builds compare reliably only
 that way.
 
 Run it on a quiet machine (on 2 cores another busy process distorts everything).
@@ -29,9 +29,9 @@ Tables:
   LoOp-wrapped TripletMarginLoss and MultiSimilarityLoss;
 - parts: wall-clock split of a LoOp forward + backward (B = 128): the search
   and gradient passes inside the step and alone (interleaved with the steps,
-  and back to back), the wrapper's own cost, the
-  search pass alone for B = 128, 512, 1024 (with ``--against``, both builds')
-  and the fixed cost per call (B = 16);
+  and back to back), the wrapper's own cost, the search pass alone for
+  B = 128, 512, 1024 and the gradient pass alone for the same and m = 2, 8
+  (with ``--against``, both builds') and the fixed cost per call (B = 16);
 - profile: the same under ``torch.profiler``, by ATen operation (B = 128).
 """
 from __future__ import annotations
@@ -318,14 +318,16 @@ def parts(quick: bool) -> None:
               f"{1e3 * passes:.2f} ms; the passes alone, on the same inputs: {1e3 * t['passes alone']:.2f} ms "
               f"interleaved with the steps (median), search {1e3 * alone['search']:.2f} + gradient "
               f"{1e3 * alone['gradient']:.2f} ms called back to back (fastest of 400)", flush=True)
-    print("search pass alone, MultiSimilarity (median):", flush=True)
-    for b in (128, 512, 1024):
-        emb, labels = batch(b // 4, 4)
-        fns = {"this build": search_pass(LoOpLoss, emb, labels)}
-        if AGAINST is not None:
-            fns["--against build"] = search_pass(AGAINST, emb, labels)
-        t = median_times(fns, max(5, reps * 128 // b))
-        print(f"  B = {b}: " + ", ".join(f"{name} {1e3 * v:.2f} ms" for name, v in t.items()), flush=True)
+    for name, part, sizes in (("search", "search_winners", ((128, 4), (512, 4), (1024, 4))),
+                              ("gradient", "_winners_grad", ((128, 4), (512, 4), (1024, 4), (128, 2), (128, 8)))):
+        print(f"{name} pass alone, MultiSimilarity (median):", flush=True)
+        for b, m in sizes:
+            emb, labels = batch(b // m, m)
+            fns = {"this build": captured_pass(LoOpLoss, part, emb, labels)}
+            if AGAINST is not None:
+                fns["--against build"] = captured_pass(AGAINST, part, emb, labels)
+            t = median_times(fns, max(5, reps * 128 // b))
+            print(f"  B = {b}, m = {m}: " + ", ".join(f"{name} {1e3 * v:.2f} ms" for name, v in t.items()), flush=True)
     emb, labels = batch(4, 4)
     t = median_times({"plain": step(losses.MultiSimilarityLoss(), emb, labels),
                       "LoOp": step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)}, 5 * reps)
@@ -333,22 +335,25 @@ def parts(quick: bool) -> None:
           f"LoOp {1e3 * t['LoOp']:.2f} ms", flush=True)
 
 
-def search_pass(loss_cls, emb, labels):
-    """The search pass of ``loss_cls``'s build (this one or ``--against``) on
-    the inputs of one step, as a call without arguments."""
-    dist_mod = sys.modules[loss_cls.__module__.rsplit(".", 1)[0] + ".distance"]
-    original, seen = dist_mod.search_winners, []
+def captured_pass(loss_cls, part: str, emb, labels):
+    """The search (``part="search_winners"``) or gradient (``"_winners_grad"``)
+    pass of ``loss_cls``'s build (this one or ``--against``) on the inputs of
+    one step, as a call without arguments."""
+    package = loss_cls.__module__.rsplit(".", 1)[0]
+    module = sys.modules[package + (".distance" if part == "search_winners" else ".batch_loop")]
+    original, seen = getattr(module, part), []
 
     def spy(*a, **k):
         seen.append((a, k))
         return original(*a, **k)
 
-    dist_mod.search_winners = spy
+    setattr(module, part, spy)
     try:
         step(loss_cls(losses.MultiSimilarityLoss()), emb, labels)()
     finally:
-        dist_mod.search_winners = original
+        setattr(module, part, original)
     a, k = seen[0]
+    a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in a)
     return lambda: original(*a, **k)
 
 

@@ -35,7 +35,7 @@ from .functional.compiled import maybe_compiled
 from .functional.gram import constant, first_max, scalar, scatter_add, steps, take
 from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
 from .functional.loop import measure_partials
-from .pairs import PairTable
+from .pairs import Combos, PairTable
 
 #: Pair combinations searched at once (one block). The search keeps at most
 #: about 40 temporaries of that size, so 2**18 combinations stay near 40 MB in float32.
@@ -179,56 +179,6 @@ def _group(table: PairTable, start: int, stop: int, label: int | None, split: bo
                  label, span)
 
 
-class Combos(NamedTuple):
-    """How a combination of a first pair P (of ``table_q``'s ``K_q``) and a
-    second pair Q (of ``table_r``'s ``K_r``) is numbered: ``P K_r + Q``; within
-    one set (``one_set``) the pair of smaller index first, ``min K + max``,
-    so that entry (i, j) and entry (j, i) name the same combination.
-
-    ends_q, ends_r: ``(2, K)`` the pairs' ends (first ends, then second ends).
-    """
-
-    ends_q: Tensor
-    ends_r: Tensor
-    one_set: bool
-
-    @property
-    def count(self) -> int:
-        return self.ends_q.shape[1] * self.ends_r.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.int32 if self.count < 2**31 else torch.int64
-
-    def of(self, pair_q: Tensor, pair_r: Tensor) -> Tensor:
-        """The combination of pairs ``pair_q`` and ``pair_r`` (int32, any shape)."""
-        if self.dtype != pair_q.dtype:
-            pair_q, pair_r = pair_q.to(self.dtype), pair_r.to(self.dtype)
-        if self.one_set:
-            return torch.add(torch.maximum(pair_q, pair_r), torch.minimum(pair_q, pair_r), alpha=self.ends_r.shape[1])
-        return torch.add(pair_r, pair_q, alpha=self.ends_r.shape[1])
-
-    def ends(self, combo: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The four samples (x1, x2 | x3, x4) of each combination: the first
-        pair's ends, then the second's (for one set, in the numbering's order)."""
-        width = self.ends_r.shape[1]
-        first = torch.div(combo, constant(width, combo.dtype, combo.device), rounding_mode="floor")
-        second = torch.sub(combo, first, alpha=width)
-        return (take(self.ends_q[0], first), take(self.ends_q[1], first),
-                take(self.ends_r[0], second), take(self.ends_r[1], second))
-
-    def partners(self, combo: Tensor) -> tuple[Tensor, Tensor]:
-        """``(p, q)`` of each entry (i, j) of ``combo`` ``(n_q, n_r)``: the
-        other ends of the pairs of i and of j (int64)."""
-        x1, x2, x3, x4 = self.ends(combo)
-        i = torch.arange(combo.shape[0], device=combo.device).unsqueeze(1)
-        if self.one_set:  # which of the two pairs is i's
-            swap = (x1 != i) & (x2 != i)
-            x1, x2, x3, x4 = (torch.where(swap, b, a) for a, b in ((x1, x3), (x2, x4), (x3, x1), (x4, x2)))
-        j = torch.arange(combo.shape[1], device=combo.device)
-        return torch.where(x1 == i, x2, x1).long(), torch.where(x3 == j, x4, x3).long()
-
-
 class SearchPlan(NamedTuple):
     """The blocks of a search: row groups (query pairs) x column groups.
 
@@ -251,7 +201,7 @@ class SearchPlan(NamedTuple):
 def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> SearchPlan:
     """Blocks of at most ``chunk_elements`` combinations (at least one pair each way)."""
     kq, kr = table_q.num_pairs, table_r.num_pairs
-    combos = Combos(_int_ends(table_q), _int_ends(table_r), table_q is table_r)
+    combos = Combos.of_tables(table_q, table_r)
     if table_q is table_r and kq * kr > chunk_elements:
         # LoOp is symmetric: cut both sides alike and search half the blocks.
         groups = class_groups(table_q, max(1, int(chunk_elements**0.5)))
@@ -265,10 +215,6 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
     rows = class_groups(table_q, max(1, chunk_elements // width))
     return SearchPlan(rows, cols, combos)
 
-
-def _int_ends(table: PairTable) -> Tensor:
-    """``(2, K)`` int32: the pairs' first ends, then their second ends."""
-    return table.ends.T.int().contiguous()
 
 
 # -- pass 1: search ----------------------------------------------------------------

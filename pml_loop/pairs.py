@@ -5,6 +5,8 @@ a sample without partner owns the degenerate pair (i, i), a point, so that a
 batch of singleton classes reduces LoOp to the plain distance. The pairs of a
 set are stored once (``ends``), sorted by class so that the pairs of one
 class are contiguous, and each sample lists the pairs it owns (``owned``).
+A combination of a pair of one set and a pair of another (or the same) set is
+one number (:class:`Combos`): what the search reports for each entry.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
+
+from .functional.gram import constant, take
 
 Partners = Literal["all", "hardest"]
 PARTNERS = ("all", "hardest")
@@ -113,3 +117,60 @@ def partition_key(labels: Tensor) -> Tensor:
     (e.g. consecutive m-per-class batches), so they share their pair table.
     """
     return (labels[None, :] == labels[:, None]).to(torch.uint8).argmax(1)
+
+
+class Combos(NamedTuple):
+    """How a combination of a first pair P (of ``table_q``'s ``K_q``) and a
+    second pair Q (of ``table_r``'s ``K_r``) is numbered: ``P K_r + Q``; within
+    one set (``one_set``) the pair of smaller index first, ``min K + max``,
+    so that entry (i, j) and entry (j, i) name the same combination.
+
+    x1, x2: ``(K_q,)`` int32, the first pairs' ends; x3, x4: ``(K_r,)``, the
+    second pairs'.
+    """
+
+    x1: Tensor
+    x2: Tensor
+    x3: Tensor
+    x4: Tensor
+    one_set: bool
+
+    @staticmethod
+    def of_tables(table_q: PairTable, table_r: PairTable) -> "Combos":
+        ends_q, ends_r = (t.ends.T.int().contiguous() for t in (table_q, table_r))
+        return Combos(ends_q[0], ends_q[1], ends_r[0], ends_r[1], table_q is table_r)
+
+    @property
+    def count(self) -> int:
+        return self.x1.shape[0] * self.x3.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int32 if self.count < 2**31 else torch.int64
+
+    def of(self, pair_q: Tensor, pair_r: Tensor) -> Tensor:
+        """The combination of pairs ``pair_q`` and ``pair_r`` (int32, any shape)."""
+        if self.dtype != pair_q.dtype:
+            pair_q, pair_r = pair_q.to(self.dtype), pair_r.to(self.dtype)
+        if self.one_set:
+            return torch.add(torch.maximum(pair_q, pair_r), torch.minimum(pair_q, pair_r), alpha=self.x3.shape[0])
+        return torch.add(pair_r, pair_q, alpha=self.x3.shape[0])
+
+    def ends(self, combo: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The four samples (x1, x2 | x3, x4) of each combination: the first
+        pair's ends, then the second's (for one set, in the numbering's order)."""
+        width = self.x3.shape[0]
+        first = torch.div(combo, constant(width, combo.dtype, combo.device), rounding_mode="floor")
+        second = torch.sub(combo, first, alpha=width)
+        return take(self.x1, first), take(self.x2, first), take(self.x3, second), take(self.x4, second)
+
+    def partners(self, combo: Tensor) -> tuple[Tensor, Tensor]:
+        """``(p, q)`` of each entry (i, j) of ``combo`` ``(n_q, n_r)``: the
+        other ends of the pairs of i and of j (int64)."""
+        x1, x2, x3, x4 = self.ends(combo)
+        i = torch.arange(combo.shape[0], device=combo.device).unsqueeze(1)
+        if self.one_set:  # which of the two pairs is i's
+            swap = (x1 != i) & (x2 != i)
+            x1, x2, x3, x4 = (torch.where(swap, b, a) for a, b in ((x1, x3), (x2, x4), (x3, x1), (x4, x2)))
+        j = torch.arange(combo.shape[1], device=combo.device)
+        return torch.where(x1 == i, x2, x1).long(), torch.where(x3 == j, x4, x3).long()

@@ -149,14 +149,17 @@ def take(x: Tensor, index: Tensor) -> Tensor:
     like ``index``. Through ``index_select``, about twice as fast on the CPU
     for 10^4 - 10^6 indices (torch 2.13, measured); flat operands are used as
     they are (a reshape is two ATen calls even when it changes nothing)."""
-    flat = x if x.dim() == 1 else x.view(-1) if x.is_contiguous() else x.reshape(-1)
-    if index.dim() == 1:
-        return flat.index_select(0, index)
-    return flat.index_select(0, index.view(-1) if index.is_contiguous() else index.reshape(-1)).view(index.shape)
+    out = _flat_view(x).index_select(0, _flat_view(index))
+    return out if index.dim() == 1 else out.view(index.shape)
 
 
 def scatter_add(x: Tensor, index: Tensor, values: Tensor) -> None:
     """Add ``values`` to the entries of ``x`` (flattened, contiguous) at
     ``index`` (any integer dtype), in place: ``scatter_add_`` on the flat
     view, about 1.5 times as fast on the CPU as ``index_add_``."""
-    x.view(-1).scatter_add_(0, index.reshape(-1).long(), values.reshape(-1))
+    x.view(-1).scatter_add_(0, _flat_view(index).long(), _flat_view(values))
+
+
+def _flat_view(x: Tensor) -> Tensor:
+    """``x.reshape(-1)``, as a view where it can be one (one ATen call, not two)."""
+    return x if x.dim() == 1 else x.view(-1) if x.is_contiguous() else x.reshape(-1)
