@@ -6,6 +6,9 @@ Prints (2 torch threads, fastest of many calls unless said otherwise):
 - an elementwise operation with a transposed operand against contiguous ones;
 - the gradient pass's flat positions computed in int32 and in int64, and a
   float index cast to each (as ``first_max`` returns it);
+- what a Python number in a tensor operation costs (ATen calls and time,
+  against a 0-dim tensor), and the ATen calls of unpacking a tensor and of
+  ``reshape`` against ``view``;
 - page faults and time of the LoOp search inside a multi-similarity step, in
   a fresh process (small allocations only) and in one that has freed a 16 MB
   block first, as a training step with larger activations does (each case in
@@ -43,6 +46,27 @@ def layouts() -> None:
     ranks = torch.randint(0, 3, (n, n)).float()
     for dtype in (torch.int64, torch.int32):
         print(f"a {n} x {n} float index cast to {str(dtype)[6:]}: {fastest(lambda: ranks.to(dtype)):.1f} us")
+
+
+def aten_calls(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name.startswith("aten::") for e in prof.events())
+
+
+def dispatch() -> None:
+    x, half = torch.rand(8128), torch.tensor(0.5)
+    for label, fn in (("x.mul_(0.5)", lambda: x.mul_(0.5)), ("x.mul_(0-dim tensor)", lambda: x.mul_(half))):
+        print(f"{label} on 8,128 values: {aten_calls(fn)} ATen calls, {fastest(fn, 5000):.2f} us")
+    t = torch.rand(2, 8128)
+
+    def unpack():
+        a, b = t
+        return a, b
+
+    print(f"a, b = t: {aten_calls(unpack)} ATen calls; t[0], t[1]: {aten_calls(lambda: (t[0], t[1]))}; "
+          f"t.reshape(-1): {aten_calls(lambda: t.reshape(-1))}; t.view(-1): {aten_calls(lambda: t.view(-1))}")
 
 
 def search_child(warm: bool) -> None:
@@ -88,6 +112,7 @@ def main() -> None:
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, 2 threads")
     layouts()
+    dispatch()
     page_faults()
 
 
