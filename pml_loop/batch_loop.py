@@ -544,8 +544,15 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
     step = max(1, chunk_elements // _ENTRY_WEIGHT)
     n_q, n_r = qr.shape
     if sparse and combos.count <= min(_COMBO_WEIGHT * chunk_elements, _COMBOS_PER_ENTRY * n_q * n_r):
+        grad, combo = grad_out.reshape(-1), winners.combo.view(-1)
+        live = int(torch.count_nonzero(grad))  # a reduction: far cheaper than nonzero() when all are live
+        if live == 0:
+            return d
+        if live < grad.numel() // 2:  # a hinge loss leaves most entries without a gradient
+            keep = grad.nonzero().squeeze(1)
+            grad, combo = take(grad, keep), take(combo, keep)
         summed = grad_out.new_zeros(combos.count)
-        scatter_add(summed, winners.combo, grad_out)  # for one set, (i, j) and (j, i) name the same combination
+        scatter_add(summed, combo, grad)  # for one set, (i, j) and (j, i) name the same combination
         ids = summed.nonzero().squeeze(1)
         grads = summed.index_select(0, ids)
         del summed
