@@ -31,7 +31,8 @@ Tables:
   and gradient passes inside the step and alone (interleaved with the steps,
   and back to back), the wrapper's own cost, the search pass alone for
   B = 128, 512, 1024 and the gradient pass alone for the same and m = 2, 8
-  (with ``--against``, both builds') and the fixed cost per call (B = 16);
+  (with ``--against``, both builds'), the distinct winning combinations per
+  negative entry (m = 2, 4, 8) and the fixed cost per call (B = 16);
 - profile: the same under ``torch.profiler``, by ATen operation (B = 128).
 """
 from __future__ import annotations
@@ -328,11 +329,42 @@ def parts(quick: bool) -> None:
                 fns["--against build"] = captured_pass(AGAINST, part, emb, labels)
             t = median_times(fns, max(5, reps * 128 // b))
             print(f"  B = {b}, m = {m}: " + ", ".join(f"{name} {1e3 * v:.2f} ms" for name, v in t.items()), flush=True)
+    print("winning combinations visited by the gradient pass per negative entry of the upper triangle "
+          "(MultiSimilarity, B = 128): " + ", ".join(f"m = {m}: {shared_winners(m):.2f}" for m in (2, 4, 8)), flush=True)
     emb, labels = batch(4, 4)
     t = median_times({"plain": step(losses.MultiSimilarityLoss(), emb, labels),
                       "LoOp": step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)}, 5 * reps)
     print(f"fixed cost per call, MultiSimilarity, B = 16 (4 x 4): plain {1e3 * t['plain']:.2f} ms, "
           f"LoOp {1e3 * t['LoOp']:.2f} ms", flush=True)
+
+
+def shared_winners(m: int) -> float:
+    """Distinct winning combinations per negative entry (i < j) of a step's
+    search, B = 128: what the CPU's gradient pass visits, per entry."""
+    import pml_loop.batch_loop as bl
+    emb, labels = batch(128 // m, m)
+    (a, k), = _calls(LoOpLoss, "search_winners", emb, labels)
+    winners = bl.search_winners(*a, **k)
+    negative = torch.triu(labels[:, None] != labels[None, :], diagonal=1)
+    return len(torch.unique(winners.combo[negative])) / int(negative.sum())
+
+
+def _calls(loss_cls, part: str, emb, labels) -> list:
+    """The arguments of each call of ``part`` in one step of ``loss_cls``'s build."""
+    package = loss_cls.__module__.rsplit(".", 1)[0]
+    module = sys.modules[package + (".distance" if part == "search_winners" else ".batch_loop")]
+    original, seen = getattr(module, part), []
+
+    def spy(*a, **k):
+        seen.append((tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in a), k))
+        return original(*a, **k)
+
+    setattr(module, part, spy)
+    try:
+        step(loss_cls(losses.MultiSimilarityLoss()), emb, labels)()
+    finally:
+        setattr(module, part, original)
+    return seen
 
 
 def captured_pass(loss_cls, part: str, emb, labels):
@@ -341,19 +373,8 @@ def captured_pass(loss_cls, part: str, emb, labels):
     one step, as a call without arguments."""
     package = loss_cls.__module__.rsplit(".", 1)[0]
     module = sys.modules[package + (".distance" if part == "search_winners" else ".batch_loop")]
-    original, seen = getattr(module, part), []
-
-    def spy(*a, **k):
-        seen.append((a, k))
-        return original(*a, **k)
-
-    setattr(module, part, spy)
-    try:
-        step(loss_cls(losses.MultiSimilarityLoss()), emb, labels)()
-    finally:
-        setattr(module, part, original)
-    a, k = seen[0]
-    a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in a)
+    original = getattr(module, part)
+    (a, k), = _calls(loss_cls, part, emb, labels)
     return lambda: original(*a, **k)
 
 
