@@ -31,3 +31,20 @@ def test_against_loads_another_build_beside_this_one(monkeypatch):
 def test_against_names_a_checkout_without_the_package(tmp_path):
     with pytest.raises(SystemExit, match="has no pml_loop package"):
         _bench().load_against(str(tmp_path))
+
+
+def test_passes_are_captured_from_either_build(monkeypatch):
+    """The parts table times each build's search and gradient pass on the
+    inputs of one of its steps; the call must not leave the spy in place."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    bench = _bench()
+    other = bench.load_against(str(ROOT))
+    emb, labels = bench.batch(6, 4, d=8)
+    import pml_loop.batch_loop as bl
+    original = bl._winners_grad
+    for loss_cls in (LoOpLoss, other):
+        for part in ("search_winners", "_winners_grad"):
+            out = bench.captured_pass(loss_cls, part, emb, labels)()
+            assert out is not None
+    assert bl._winners_grad is original
+    assert 0 < bench.shared_winners(2) <= 0.25 + 1e-9  # at 2 per class a combination serves four entries
