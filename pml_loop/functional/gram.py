@@ -102,6 +102,7 @@ def first_max(values: Tensor, index_dtype: torch.dtype = torch.int64) -> tuple[T
 
 
 def _nested(value: float, depth: int):
+    """``value`` inside ``depth`` one-element tuples: a constant of shape (1, ...)."""
     for _ in range(depth):
         value = (value,)
     return value

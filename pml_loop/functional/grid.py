@@ -192,9 +192,8 @@ def arc_entry_optimum(fields: Tensor) -> tuple[Tensor, Tensor]:
     w2.addcmul_(w1, neg_c).mul_(inv_s)
     nc_r, nc_q = neg_c.view(2, n)
     s_r, s_q = s.view(2, n)
-    e2_of_first = w2[0]  # x1.e2_r, x3.e2_q
-    x1_e2r, x3_e2q = e2_of_first
-    m22 = torch.addcmul(w2[1, 0], x1_e2r, nc_q).mul_(inv_s[0, 1])
+    x1_e2r, x3_e2q = w2[0]  # the other pair's first end on each plane's e2
+    m22 = torch.addcmul(w2[1, 0], x1_e2r, nc_q).mul_(inv_s[0, 1])  # e2_q.e2_r = (x2.e2_r - c_q x1.e2_r) / s_q
     candidates = torch.empty(9, n, dtype=c.dtype, device=c.device)  # corners, edges (arc, end), interior
     candidates[:4] = fields[2:]
     _edge_values(w1, w2, s, neg_c, out=candidates[4:8].view(2, 2, n).transpose(0, 1))
