@@ -9,6 +9,7 @@ search result is kept, so a miner and a loss on the same batch search once.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Iterator, Literal, NamedTuple
 
@@ -338,9 +339,11 @@ class LoOpDistance(BaseDistance):
         return None
 
     def _finite(self, g: GramBlocks, same_set: bool) -> bool:
-        # A NaN or inf in a row shows in its squared norm: n checks, not n x d.
-        ok = bool(torch.isfinite(g.qq.diagonal()).all()) and (
-            same_set or bool(torch.isfinite(g.rr.diagonal()).all()))
+        # A NaN or inf in a row shows in its squared norm, and in their sum: n
+        # additions, not n x d checks (a sum that overflows means norms LoOp
+        # cannot square either).
+        ok = math.isfinite(float(g.qq.diagonal().sum())) and (
+            same_set or math.isfinite(float(g.rr.diagonal().sum())))
         if ok:
             return True
         message = "LoOp got NaN or infinite embeddings (or norms that overflow)"
