@@ -342,8 +342,8 @@ class LoOpDistance(BaseDistance):
         # A NaN or inf in a row shows in its squared norm, and in their sum: n
         # additions, not n x d checks (a sum that overflows means norms LoOp
         # cannot square either).
-        ok = math.isfinite(float(g.qq.diagonal().sum())) and (
-            same_set or math.isfinite(float(g.rr.diagonal().sum())))
+        ok = math.isfinite(float(g.qq.detach().diagonal().sum())) and (
+            same_set or math.isfinite(float(g.rr.detach().diagonal().sum())))
         if ok:
             return True
         message = "LoOp got NaN or infinite embeddings (or norms that overflow)"
