@@ -83,9 +83,10 @@ def main() -> None:
             for a, b in zip(mine, theirs):
                 rel = float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(dtype).tiny))
                 worst = max(worst, (rel, case[1:]), key=lambda w: w[0])
+        where = "" if worst[1] is None else (
+            " (loss {}, {}, B = {}, m = {}, shuffled {}, reference set {})".format(*worst[1]))
         print(f"{str(dtype)[6:]}: {equal} of {len(selected)} cases bitwise equal; largest difference "
-              f"{worst[0]:.1e} of the largest entry (loss {worst[1][0]}, {worst[1][1]}, B = {worst[1][2]}, "
-              f"m = {worst[1][3]}, shuffled {worst[1][4]}, reference set {worst[1][5]})", flush=True)
+              f"{worst[0]:.1e} of the largest entry{where}", flush=True)
 
 
 if __name__ == "__main__":

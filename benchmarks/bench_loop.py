@@ -341,16 +341,17 @@ def parts(quick: bool) -> None:
 def shared_winners(m: int) -> float:
     """Distinct winning combinations per negative entry (i < j) of a step's
     search, B = 128: what the CPU's gradient pass visits, per entry."""
-    import pml_loop.batch_loop as bl
     emb, labels = batch(128 // m, m)
-    (a, k), = _calls(LoOpLoss, "search_winners", emb, labels)
-    winners = bl.search_winners(*a, **k)
+    search, ((a, k),) = _calls(LoOpLoss, "search_winners", emb, labels)
+    winners = search(*a, **k)
     negative = torch.triu(labels[:, None] != labels[None, :], diagonal=1)
     return len(torch.unique(winners.combo[negative])) / int(negative.sum())
 
 
-def _calls(loss_cls, part: str, emb, labels) -> list:
-    """The arguments of each call of ``part`` in one step of ``loss_cls``'s build."""
+def _calls(loss_cls, part: str, emb, labels) -> tuple:
+    """The search (``part="search_winners"``) or gradient (``"_winners_grad"``)
+    pass of ``loss_cls``'s build (this one or ``--against``), and the
+    arguments of each of its calls in one step."""
     package = loss_cls.__module__.rsplit(".", 1)[0]
     module = sys.modules[package + (".distance" if part == "search_winners" else ".batch_loop")]
     original, seen = getattr(module, part), []
@@ -364,17 +365,12 @@ def _calls(loss_cls, part: str, emb, labels) -> list:
         step(loss_cls(losses.MultiSimilarityLoss()), emb, labels)()
     finally:
         setattr(module, part, original)
-    return seen
+    return original, seen
 
 
 def captured_pass(loss_cls, part: str, emb, labels):
-    """The search (``part="search_winners"``) or gradient (``"_winners_grad"``)
-    pass of ``loss_cls``'s build (this one or ``--against``) on the inputs of
-    one step, as a call without arguments."""
-    package = loss_cls.__module__.rsplit(".", 1)[0]
-    module = sys.modules[package + (".distance" if part == "search_winners" else ".batch_loop")]
-    original = getattr(module, part)
-    (a, k), = _calls(loss_cls, part, emb, labels)
+    """A pass of :func:`_calls` on the inputs of one step, as a call without arguments."""
+    original, ((a, k),) = _calls(loss_cls, part, emb, labels)
     return lambda: original(*a, **k)
 
 

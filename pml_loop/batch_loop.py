@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .functional import Geometry, QuadGram, best_candidate, candidate_weights
 from .functional.compiled import maybe_compiled
-from .functional.gram import constant, first_max, scalar, scatter_add, steps, take
+from .functional.gram import constant, first_max, flat_positions, scalar, scatter_add, steps, take
 from .functional.grid import arc_entry_optimum, arc_grid_values, dot_grid_values, segment_grid_values
 from .functional.loop import measure_partials
 from .pairs import Combos, PairTable
@@ -256,7 +256,7 @@ def measure_of_score(score: Tensor, geometry: Geometry) -> Tensor:
 
 def _pair_gram(gram: Tensor, ends: Tensor) -> Tensor:
     """``(R,)``: the inner product of each pair's two ends (``ends`` ``(2, R)``)."""
-    return take(gram, _flat(ends[0], ends[1], gram.shape[1]))
+    return take(gram, flat_positions(ends[0], ends[1], gram.shape[1]))
 
 
 def _select(x: Tensor, dim: int, index: Tensor) -> Tensor:
@@ -411,47 +411,37 @@ def _index_dtype(n_q: int, n_r: int) -> torch.dtype:
     return torch.int32 if max(n_q, n_r) ** 2 < 2**31 else torch.int64
 
 
-def _entries(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows, columns and flat positions of the entries of rows ``a:b``; with
-    ``upper`` only j > i. A whole matrix in one band is kept for the next
-    batch of the same size (at most ``chunk_elements`` entries)."""
+def _entries(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> Tensor:
+    """Flat positions of the entries of rows ``a:b``; with ``upper`` only
+    j > i. A whole matrix in one band is kept for the next batch of the same
+    size (at most ``chunk_elements`` entries)."""
     if a == 0 and b == n_q:
         return _all_entries(n_q, n_r, upper, device)
     return _band(a, b, n_q, n_r, upper, device)
 
 
-def _band(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor, Tensor]:
-    if upper:
-        i, j = torch.triu_indices(b - a, n_r - a, offset=1, device=device).add_(a)
-    else:
-        k = torch.arange(a * n_r, b * n_r, device=device)
-        i, j = k // n_r, k % n_r
+def _band(a: int, b: int, n_q: int, n_r: int, upper: bool, device) -> Tensor:
     dtype = _index_dtype(n_q, n_r)
-    i, j = i.to(dtype), j.to(dtype)
-    return i, j, _flat(i, j, n_r)
+    if not upper:
+        return torch.arange(a * n_r, b * n_r, dtype=dtype, device=device)
+    i, j = torch.triu_indices(b - a, n_r - a, offset=1, device=device).add_(a).to(dtype)
+    return flat_positions(i, j, n_r)
 
 
 @functools.lru_cache(maxsize=4)
-def _all_entries(n_q: int, n_r: int, upper: bool, device) -> tuple[Tensor, Tensor, Tensor]:
+def _all_entries(n_q: int, n_r: int, upper: bool, device) -> Tensor:
     return _band(0, n_q, n_q, n_r, upper, device)
-
-
-def _flat(row: Tensor, col: Tensor, width: int) -> Tensor:
-    """Flat positions ``row * width + col`` in one operation (a Python number
-    as a factor would cost a conversion to a tensor, see
-    :func:`~pml_loop.functional.gram.scalar`)."""
-    return torch.add(col, row, alpha=width)
 
 
 def _entry_quad_gram(g: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor) -> QuadGram:
     """QuadGram of (x_i, x_p | x_j, x_q) for entries given as flat index tensors."""
     n_q, n_r = g.qr.shape
     dq, dr = g.qq.diagonal(), g.rr.diagonal()
+    pos = flat_positions
     return QuadGram(
-        take(dq, i), take(g.qq, _flat(i, p, n_q)), take(dq, p),
-        take(dr, j), take(g.rr, _flat(j, q, n_r)), take(dr, q),
-        take(g.qr, _flat(i, j, n_r)), take(g.qr, _flat(i, q, n_r)), take(g.qr, _flat(p, j, n_r)),
-        take(g.qr, _flat(p, q, n_r)),
+        take(dq, i), take(g.qq, pos(i, p, n_q)), take(dq, p),
+        take(dr, j), take(g.rr, pos(j, q, n_r)), take(dr, q),
+        take(g.qr, pos(i, j, n_r)), take(g.qr, pos(i, q, n_r)), take(g.qr, pos(p, j, n_r)), take(g.qr, pos(p, q, n_r)),
     )
 
 
@@ -459,10 +449,11 @@ def _add_partials(d: GramBlocks, i: Tensor, j: Tensor, p: Tensor, q: Tensor, par
     """Add the entries' gradient to the Gram blocks: the transpose of each
     ``take`` of :func:`_entry_quad_gram`, one scatter per block."""
     n_q, n_r = d.qr.shape
-    cross = [(_flat(i, j, n_r), parts.g13), (_flat(i, q, n_r), parts.g14), (_flat(p, j, n_r), parts.g23),
-             (_flat(p, q, n_r), parts.g24)]
-    first = [(_flat(i, i, n_q), parts.g11), (_flat(i, p, n_q), parts.g12), (_flat(p, p, n_q), parts.g22)]
-    second = [(_flat(j, j, n_r), parts.g33), (_flat(j, q, n_r), parts.g34), (_flat(q, q, n_r), parts.g44)]
+    pos = flat_positions
+    cross = [(pos(i, j, n_r), parts.g13), (pos(i, q, n_r), parts.g14), (pos(p, j, n_r), parts.g23),
+             (pos(p, q, n_r), parts.g24)]
+    first = [(pos(i, i, n_q), parts.g11), (pos(i, p, n_q), parts.g12), (pos(p, p, n_q), parts.g22)]
+    second = [(pos(j, j, n_r), parts.g33), (pos(j, q, n_r), parts.g34), (pos(q, q, n_r), parts.g44)]
     blocks = [(d.qr, cross + first + second)] if d.same_set else [(d.qr, cross), (d.qq, first), (d.rr, second)]
     for target, pieces in blocks:
         pieces = [(at, v) for at, v in pieces if v is not None]
@@ -544,13 +535,10 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
     step = max(1, chunk_elements // _ENTRY_WEIGHT)
     n_q, n_r = qr.shape
     if sparse and combos.count <= min(_COMBO_WEIGHT * chunk_elements, _COMBOS_PER_ENTRY * n_q * n_r):
-        grad, combo = grad_out.reshape(-1), winners.combo.view(-1)
-        live = int(torch.count_nonzero(grad))  # a reduction: far cheaper than nonzero() when all are live
-        if live == 0:
+        live = _live(grad_out.reshape(-1), winners.combo.view(-1), below=0.5)
+        if live is None:
             return d
-        if live < grad.numel() // 2:  # a hinge loss leaves most entries without a gradient
-            keep = grad.nonzero().squeeze(1)
-            grad, combo = take(grad, keep), take(combo, keep)
+        grad, combo = live
         summed = grad_out.new_zeros(combos.count)
         scatter_add(summed, combo, grad)  # for one set, (i, j) and (j, i) name the same combination
         ids = summed.nonzero().squeeze(1)
@@ -564,17 +552,29 @@ def _winners_grad(qq: Tensor, rr: Tensor, qr: Tensor, same_set: bool, winners: W
         grad_out = grad_out + grad_out.T
     grad_flat = grad_out.reshape(-1)
     for a, b in _entry_chunks(n_q, n_r, same_set, step):
-        at = _entries(a, b, n_q, n_r, same_set, qr.device)[2]
+        at = _entries(a, b, n_q, n_r, same_set, qr.device)
         grad = take(grad_flat, at)
         if sparse:
-            live = int(torch.count_nonzero(grad))  # a reduction: far cheaper than nonzero() when all are live
-            if live == 0:
+            live = _live(grad, at, below=0.9)
+            if live is None:
                 continue
-            if live < 0.9 * grad.numel():
-                keep = grad.nonzero().squeeze(1)
-                at, grad = at[keep], grad[keep]
+            grad, at = live
         _add_combos(g, d, combos.ends(take(winners.combo, at)), grad, geometry, compile)
     return d
+
+
+def _live(grad: Tensor, index: Tensor, below: float) -> tuple[Tensor, Tensor] | None:
+    """``grad`` and ``index`` (flat, alike) at the entries with a non-zero
+    gradient when fewer than a fraction ``below`` of them have one (hinge
+    losses leave many without), else as they are; ``None`` when none has one.
+    A host sync."""
+    live = int(torch.count_nonzero(grad))  # a reduction: far cheaper than nonzero() when all are live
+    if live == 0:
+        return None
+    if live < below * grad.numel():
+        keep = grad.nonzero().squeeze(1)
+        return take(grad, keep), take(index, keep)
+    return grad, index
 
 
 def _add_combos(g: GramBlocks, d: GramBlocks, ends: tuple[Tensor, Tensor, Tensor, Tensor], grad: Tensor,

@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .functional.gram import constant, take
+from .functional.gram import flat_positions, scalar, take
 
 Partners = Literal["all", "hardest"]
 PARTNERS = ("all", "hardest")
@@ -153,14 +153,14 @@ class Combos(NamedTuple):
         if self.dtype != pair_q.dtype:
             pair_q, pair_r = pair_q.to(self.dtype), pair_r.to(self.dtype)
         if self.one_set:
-            return torch.add(torch.maximum(pair_q, pair_r), torch.minimum(pair_q, pair_r), alpha=self.x3.shape[0])
-        return torch.add(pair_r, pair_q, alpha=self.x3.shape[0])
+            return flat_positions(torch.minimum(pair_q, pair_r), torch.maximum(pair_q, pair_r), self.x3.shape[0])
+        return flat_positions(pair_q, pair_r, self.x3.shape[0])
 
     def ends(self, combo: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The four samples (x1, x2 | x3, x4) of each combination: the first
         pair's ends, then the second's (for one set, in the numbering's order)."""
         width = self.x3.shape[0]
-        first = torch.div(combo, constant(width, combo.dtype, combo.device), rounding_mode="floor")
+        first = torch.div(combo, scalar(width, combo), rounding_mode="floor")
         second = torch.sub(combo, first, alpha=width)
         return take(self.x1, first), take(self.x2, first), take(self.x3, second), take(self.x4, second)
 

@@ -145,6 +145,12 @@ def scalar(value: float, like: Tensor) -> Tensor:
     return constant(value, like.dtype, like.device)
 
 
+def flat_positions(row: Tensor, col: Tensor, width: int) -> Tensor:
+    """Flat positions ``row * width + col`` in one operation (a Python number
+    as a factor would cost a conversion to a tensor, see :func:`scalar`)."""
+    return torch.add(col, row, alpha=width)
+
+
 def take(x: Tensor, index: Tensor) -> Tensor:
     """``torch.take``: the entries of ``x`` (flattened) at ``index``, shaped
     like ``index``. Through ``index_select``, about twice as fast on the CPU
