@@ -32,7 +32,8 @@ Tables:
   and back to back), the wrapper's own cost, the search pass alone for
   B = 128, 512, 1024 and the gradient pass alone for the same and m = 2, 8
   (with ``--against``, both builds'), the distinct winning combinations per
-  negative entry (m = 2, 4, 8) and the fixed cost per call (B = 16);
+  negative entry (m = 2, 4, 8), the triplets TripletMarginLoss's reducer
+  keeps, plain and with LoOp, and the fixed cost per call (B = 16);
 - profile: the same under ``torch.profiler``, by ATen operation (B = 128).
 """
 from __future__ import annotations
@@ -331,11 +332,27 @@ def parts(quick: bool) -> None:
             print(f"  B = {b}, m = {m}: " + ", ".join(f"{name} {1e3 * v:.2f} ms" for name, v in t.items()), flush=True)
     print("winning combinations visited by the gradient pass per negative entry of the upper triangle "
           "(MultiSimilarity, B = 128): " + ", ".join(f"m = {m}: {shared_winners(m):.2f}" for m in (2, 4, 8)), flush=True)
+    print("triplets kept by TripletMarginLoss's reducer (a positive loss), B = 128: "
+          + ", ".join(f"{k} {v:,}" for k, v in triplets_kept().items()), flush=True)
     emb, labels = batch(4, 4)
     t = median_times({"plain": step(losses.MultiSimilarityLoss(), emb, labels),
                       "LoOp": step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)}, 5 * reps)
     print(f"fixed cost per call, MultiSimilarity, B = 16 (4 x 4): plain {1e3 * t['plain']:.2f} ms, "
           f"LoOp {1e3 * t['LoOp']:.2f} ms", flush=True)
+
+
+def triplets_kept() -> dict:
+    """How many of a B = 128 batch's triplets the triplet loss's reducer
+    (``AvgNonZeroReducer``: a positive loss) keeps, plain and with LoOp: the
+    loss's own gathers and backward handle that many."""
+    emb, labels = batch(32, 4)
+    kept = {}
+    for name, wrap in (("plain", False), ("LoOp", True)):
+        inner = losses.TripletMarginLoss()
+        inner.reducer.collect_stats = True
+        (LoOpLoss(inner) if wrap else inner)(emb, labels)
+        kept[name] = inner.reducer.num_past_filter
+    return kept
 
 
 def shared_winners(m: int) -> float:

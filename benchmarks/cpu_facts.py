@@ -4,6 +4,8 @@
 
 Prints (2 torch threads, fastest of many calls unless said otherwise):
 - an elementwise operation with a transposed operand against contiguous ones;
+- rows gathered from the inner dimension of a (3, s, C) table against the
+  same rows gathered from its (3 s, C) view;
 - the gradient pass's flat positions computed in int32 and in int64, and a
   float index cast to each (as ``first_max`` returns it);
 - what a Python number in a tensor operation costs (ATen calls and time,
@@ -43,6 +45,12 @@ def layouts() -> None:
         i, p = (torch.randint(0, n, (count,), dtype=dtype) for _ in range(2))
         t = fastest(lambda: torch.stack((i, i, p, p, i, p)).mul_(n).add_(torch.stack((p, i, i, p, p, i))))
         print(f"six flat positions of {count} entries in {str(dtype)[6:]}: {t:.1f} us")
+    for samples, width in ((128, 192), (340, 510)):  # the search's per-sample tables at B = 128 and in a block at 1024
+        table, rows = torch.rand(3, samples, width), torch.randint(0, samples, (2 * width,))
+        flat = (rows + samples * torch.arange(3)[:, None]).view(-1)
+        print(f"rows {2 * width} of a (3, {samples}, {width}) table: index_select along dim 1 "
+              f"{fastest(lambda: table.index_select(1, rows), 200):.1f} us, along dim 0 of its (3 x {samples}, {width}) view "
+              f"{fastest(lambda: table.view(-1, width).index_select(0, flat), 200):.1f} us")
     ranks = torch.randint(0, 3, (n, n)).float()
     for dtype in (torch.int64, torch.int32):
         print(f"a {n} x {n} float index cast to {str(dtype)[6:]}: {fastest(lambda: ranks.to(dtype)):.1f} us")

@@ -49,3 +49,10 @@ def test_passes_are_captured_from_either_build(monkeypatch):
         assert gradient.qr.abs().sum() > 0
     assert bl._winners_grad is original
     assert 0 < bench.shared_winners(2) <= 0.25 + 1e-9  # at 2 per class a combination serves four entries
+
+
+def test_triplets_kept_by_the_reducer_never_fewer_with_loop():
+    """LoOp's negative distances never exceed the plain ones, so no triplet
+    that violates the margin plainly stops violating it with LoOp."""
+    kept = _bench().triplets_kept()
+    assert 0 < kept["plain"] <= kept["LoOp"] <= 128 * 3 * 124  # all triplets of 32 x 4

@@ -108,7 +108,7 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
     # Per first pair's end and second pair: x.x3, x.e2 of the second pair's
     # plane, and the best corner or edge of x against the second arc, read off
     # at the x1 (first half) and the x2 (second half): (3, 2, R, C).
-    at_ends = _arc_per_sample(cross, ends_r[0], ends_r[1], nc_r, s_r, inv_r).index_select(1, ends_q.view(-1))
+    at_ends = _rows_of_planes(_arc_per_sample(cross, ends_r[0], ends_r[1], nc_r, s_r, inv_r), ends_q.view(-1))
     at_x1, at_x2 = at_ends.view(3, 2, R, C).unbind(1)
     best = torch.maximum(at_x1[2], at_x2[2])
     if symmetric:  # x3, x4 against the first arc: the transpose
@@ -127,6 +127,15 @@ def arc_grid_values(cross: Tensor, c_q: Tensor, c_r: Tensor, symmetric: bool = F
     m21, m22 = second_row.unbind()
     interior = _interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r)[0]
     return torch.maximum(best, interior, out=best)
+
+
+def _rows_of_planes(x: Tensor, rows: Tensor) -> Tensor:
+    """``x.index_select(1, rows)`` for a contiguous ``x`` ``(k, s, C)``, as one
+    gather along the leading dimension of ``x`` viewed as ``(k s, C)``: on the
+    CPU 1.4 - 1.5 times as fast (torch 2.13, ``benchmarks/cpu_facts.py``)."""
+    k, s, width = x.shape
+    at = torch.add(rows.view(1, -1), steps(k, s, rows.dtype, rows.device).view(k, 1))
+    return x.view(k * s, width).index_select(0, at.view(-1)).view(k, -1, width)
 
 
 def _default_ends(ends: Tensor | None, n: int, device: torch.device) -> Tensor:
@@ -282,7 +291,7 @@ def segment_grid_values(cross: Tensor, own_q: Tensor, own_r: Tensor, symmetric: 
     inv_c = c.masked_fill(c <= tiny_r, float("inf")).reciprocal()
     # Each sample of the first side against each second segment (x.x3, x.x4,
     # the squared distance), read off at x1, x2: (3, 2R, C).
-    at_ends = _segment_per_sample(cross, x3, x4, norms_q, g33, g34, c, inv_c).index_select(1, ends_q.view(-1))
+    at_ends = _rows_of_planes(_segment_per_sample(cross, x3, x4, norms_q, g33, g34, c, inv_c), ends_q.view(-1))
     g13, g23, g14, g24 = at_ends[0, :R], at_ends[0, R:], at_ends[1, :R], at_ends[1, R:]
     best = torch.minimum(at_ends[2, :R], at_ends[2, R:])
     if symmetric:  # x3, x4 against the first segment: the transpose
