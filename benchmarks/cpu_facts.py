@@ -48,9 +48,10 @@ def layouts() -> None:
     for samples, width in ((128, 192), (340, 510)):  # the search's per-sample tables at B = 128 and in a block at 1024
         table, rows = torch.rand(3, samples, width), torch.randint(0, samples, (2 * width,))
         flat = (rows + samples * torch.arange(3)[:, None]).view(-1)
-        print(f"rows {2 * width} of a (3, {samples}, {width}) table: index_select along dim 1 "
-              f"{fastest(lambda: table.index_select(1, rows), 200):.1f} us, along dim 0 of its (3 x {samples}, {width}) view "
-              f"{fastest(lambda: table.view(-1, width).index_select(0, flat), 200):.1f} us")
+        inner = fastest(lambda: table.index_select(1, rows), 200)
+        leading = fastest(lambda: table.view(-1, width).index_select(0, flat), 200)
+        print(f"rows {2 * width} of a (3, {samples}, {width}) table: index_select along dim 1 {inner:.1f} us, "
+              f"along dim 0 of its (3 x {samples}, {width}) view {leading:.1f} us")
     ranks = torch.randint(0, 3, (n, n)).float()
     for dtype in (torch.int64, torch.int32):
         print(f"a {n} x {n} float index cast to {str(dtype)[6:]}: {fastest(lambda: ranks.to(dtype)):.1f} us")
