@@ -32,7 +32,8 @@ Tables:
   and back to back), the wrapper's own cost, the search pass alone for
   B = 128, 512, 1024 and the gradient pass alone for the same and m = 2, 8
   (with ``--against``, both builds'), the distinct winning combinations per
-  negative entry (m = 2, 4, 8), the triplets TripletMarginLoss's reducer
+  negative entry (m = 2, 4, 8), which candidate realises them (random and
+  clustered embeddings), the triplets TripletMarginLoss's reducer
   keeps, plain and with LoOp, and the fixed cost per call (B = 16);
 - profile: the same under ``torch.profiler``, by ATen operation (B = 128).
 """
@@ -332,6 +333,11 @@ def parts(quick: bool) -> None:
             print(f"  B = {b}, m = {m}: " + ", ".join(f"{name} {1e3 * v:.2f} ms" for name, v in t.items()), flush=True)
     print("winning combinations visited by the gradient pass per negative entry of the upper triangle "
           "(MultiSimilarity, B = 128): " + ", ".join(f"m = {m}: {shared_winners(m):.2f}" for m in (2, 4, 8)), flush=True)
+    for noise, label in ((None, "random embeddings"), (0.5, "class centres + 0.5 x noise"),
+                         (0.1, "class centres + 0.1 x noise")):
+        kinds = winner_kinds(noise)
+        print(f"winning combinations realised by a corner / an edge / the interior, B = 128, {label}: "
+              + " / ".join(f"{kinds[k]:.3f}" for k in ("corner", "edge", "interior")), flush=True)
     print("triplets kept by TripletMarginLoss's reducer (a positive loss), B = 128: "
           + ", ".join(f"{k} {v:,}" for k, v in triplets_kept().items()), flush=True)
     emb, labels = batch(4, 4)
@@ -353,6 +359,35 @@ def triplets_kept() -> dict:
         (LoOpLoss(inner) if wrap else inner)(emb, labels)
         kept[name] = inner.reducer.num_past_filter
     return kept
+
+
+def winner_kinds(noise: float | None) -> dict:
+    """Which candidate realises the winning combinations the gradient pass
+    visits (``LoOpLoss(MultiSimilarityLoss)``, B = 128, 32 x 4), as fractions:
+    a corner (an end of each arc), an edge (an end against a point inside the
+    other arc) or the interior. Random embeddings (``noise=None``), or class
+    centres plus ``noise`` times a Gaussian, as trained embeddings cluster."""
+    import pml_loop.batch_loop as bl
+    from pml_loop.functional.grid import arc_entry_optimum
+    emb, labels = batch(32, 4)
+    if noise is not None:
+        centres = torch.randn(32, emb.shape[1], generator=torch.Generator().manual_seed(1))
+        emb = (centres[labels] + noise * emb.detach()).requires_grad_(True)
+    seen, original = [], bl._arc_partials
+
+    def spy(fields, grad):
+        seen.append(fields)
+        return original(fields, grad)
+
+    bl._arc_partials = spy
+    try:
+        step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)()
+    finally:
+        bl._arc_partials = original
+    weights = arc_entry_optimum(torch.cat(seen, 1))[1]  # (2, 2, N): [[b1, a1], [b2, a2]]
+    at_end = (weights == 0).any(0)  # (2, N): the point of each arc is one of its ends
+    corner, end = at_end.all(0).float().mean().item(), at_end.any(0).float().mean().item()
+    return {"corner": corner, "edge": end - corner, "interior": 1 - end}
 
 
 def shared_winners(m: int) -> float:

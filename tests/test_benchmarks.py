@@ -56,3 +56,13 @@ def test_triplets_kept_by_the_reducer_never_fewer_with_loop():
     that violates the margin plainly stops violating it with LoOp."""
     kept = _bench().triplets_kept()
     assert 0 < kept["plain"] <= kept["LoOp"] <= 128 * 3 * 124  # all triplets of 32 x 4
+
+
+def test_winner_kinds_are_fractions_of_every_visited_combination():
+    """Corner, edge and interior split the gradient pass's combinations; tight
+    classes far apart meet at their ends (the arcs' closest points are corners)."""
+    bench = _bench()
+    for noise in (None, 0.1):
+        kinds = bench.winner_kinds(noise)
+        assert all(0 <= v <= 1 for v in kinds.values()) and abs(sum(kinds.values()) - 1) < 1e-6
+    assert bench.winner_kinds(0.1)["corner"] > 0.5 > bench.winner_kinds(None)["corner"]
