@@ -32,8 +32,9 @@ Tables:
   and back to back), the wrapper's own cost, the search pass alone for
   B = 128, 512, 1024 and the gradient pass alone for the same and m = 2, 8
   (with ``--against``, both builds'), the distinct winning combinations per
-  negative entry (m = 2, 4, 8), which candidate realises them (random and
-  clustered embeddings), the triplets TripletMarginLoss's reducer
+  negative entry (m = 2, 4, 8), what finding their optima again costs,
+  which candidate realises them (random and clustered embeddings), the
+  triplets TripletMarginLoss's reducer
   keeps, plain and with LoOp, and the fixed cost per call (B = 16);
 - profile: the same under ``torch.profiler``, by ATen operation (B = 128).
 """
@@ -333,6 +334,11 @@ def parts(quick: bool) -> None:
             print(f"  B = {b}, m = {m}: " + ", ".join(f"{name} {1e3 * v:.2f} ms" for name, v in t.items()), flush=True)
     print("winning combinations visited by the gradient pass per negative entry of the upper triangle "
           "(MultiSimilarity, B = 128): " + ", ".join(f"m = {m}: {shared_winners(m):.2f}" for m in (2, 4, 8)), flush=True)
+    t = rederivation_times(reps)
+    print(f"finding the winners' optima again (arc_entry_optimum), MultiSimilarity, B = 128: gradient pass "
+          f"{1e3 * t['pass']:.2f} ms, {1e3 * t['pass, optima cached']:.2f} ms with them cached; step "
+          f"{1e3 * t['step']:.2f} ms, {1e3 * t['step, optima cached']:.2f} ms (plain {1e3 * t['plain']:.2f} ms)",
+          flush=True)
     for noise, label in ((None, "random embeddings"), (0.5, "class centres + 0.5 x noise"),
                          (0.1, "class centres + 0.1 x noise")):
         kinds = winner_kinds(noise)
@@ -359,6 +365,36 @@ def triplets_kept() -> dict:
         (LoOpLoss(inner) if wrap else inner)(emb, labels)
         kept[name] = inner.reducer.num_past_filter
     return kept
+
+
+def rederivation_times(reps: int) -> dict:
+    """Median times of the B = 128 multi-similarity gradient pass and LoOp
+    step, as they are and with the gradient pass's ``arc_entry_optimum``
+    replaced by its result from an earlier call (what finding each winner's
+    optimum again costs), and of the plain step."""
+    import pml_loop.batch_loop as bl
+    emb, labels = batch(32, 4)
+    original, cache = bl.arc_entry_optimum, {}
+
+    def cached(fields):
+        if fields.shape not in cache:
+            cache[fields.shape] = original(fields)
+        return cache[fields.shape]
+
+    def optima_cached(fn):
+        def run():
+            bl.arc_entry_optimum = cached
+            try:
+                fn()
+            finally:
+                bl.arc_entry_optimum = original
+        return run
+
+    gradient = captured_pass(LoOpLoss, "_winners_grad", emb, labels)
+    loop = step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)
+    return median_times({"pass": gradient, "pass, optima cached": optima_cached(gradient), "step": loop,
+                         "step, optima cached": optima_cached(loop),
+                         "plain": step(losses.MultiSimilarityLoss(), emb, labels)}, reps)
 
 
 def winner_kinds(noise: float | None) -> dict:

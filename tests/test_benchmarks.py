@@ -66,3 +66,11 @@ def test_winner_kinds_are_fractions_of_every_visited_combination():
         kinds = bench.winner_kinds(noise)
         assert all(0 <= v <= 1 for v in kinds.values()) and abs(sum(kinds.values()) - 1) < 1e-6
     assert bench.winner_kinds(0.1)["corner"] > 0.5 > bench.winner_kinds(None)["corner"]
+
+
+def test_rederivation_times_restore_the_optimum_finder():
+    import pml_loop.batch_loop as bl
+    original = bl.arc_entry_optimum
+    times = _bench().rederivation_times(1)
+    assert set(times) == {"pass", "pass, optima cached", "step", "step, optima cached", "plain"}
+    assert all(t > 0 for t in times.values()) and bl.arc_entry_optimum is original
