@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import importlib
 import json
@@ -295,11 +296,9 @@ def parts(quick: bool) -> None:
 
     def without_passes(fn):
         def run():
-            dist_mod.search_winners, bl._winners_grad = cached("search", originals[0]), cached("gradient", originals[1])
-            try:
+            with _replaced(dist_mod, "search_winners", cached("search", originals[0])), \
+                    _replaced(bl, "_winners_grad", cached("gradient", originals[1])):
                 fn()
-            finally:
-                dist_mod.search_winners, bl._winners_grad = originals
         return run
 
     print("\n## parts: wall-clock split of one forward + backward, d = 512, median")
@@ -383,11 +382,8 @@ def rederivation_times(reps: int) -> dict:
 
     def optima_cached(fn):
         def run():
-            bl.arc_entry_optimum = cached
-            try:
+            with _replaced(bl, "arc_entry_optimum", cached):
                 fn()
-            finally:
-                bl.arc_entry_optimum = original
         return run
 
     gradient = captured_pass(LoOpLoss, "_winners_grad", emb, labels)
@@ -415,11 +411,8 @@ def winner_kinds(noise: float | None) -> dict:
         seen.append(fields)
         return original(fields, grad)
 
-    bl._arc_partials = spy
-    try:
+    with _replaced(bl, "_arc_partials", spy):
         step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)()
-    finally:
-        bl._arc_partials = original
     weights = arc_entry_optimum(torch.cat(seen, 1))[1]  # (2, 2, N): [[b1, a1], [b2, a2]]
     at_end = (weights == 0).any(0)  # (2, N): the point of each arc is one of its ends
     corner, end = at_end.all(0).float().mean().item(), at_end.any(0).float().mean().item()
@@ -436,6 +429,17 @@ def shared_winners(m: int) -> float:
     return len(torch.unique(winners.combo[negative])) / int(negative.sum())
 
 
+@contextlib.contextmanager
+def _replaced(module, name: str, value):
+    """``module.name`` set to ``value`` for the duration of the block."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield original
+    finally:
+        setattr(module, name, original)
+
+
 def _calls(loss_cls, part: str, emb, labels) -> tuple:
     """The search (``part="search_winners"``) or gradient (``"_winners_grad"``)
     pass of ``loss_cls``'s build (this one or ``--against``), and the
@@ -448,11 +452,8 @@ def _calls(loss_cls, part: str, emb, labels) -> tuple:
         seen.append((tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in a), k))
         return original(*a, **k)
 
-    setattr(module, part, spy)
-    try:
+    with _replaced(module, part, spy):
         step(loss_cls(losses.MultiSimilarityLoss()), emb, labels)()
-    finally:
-        setattr(module, part, original)
     return original, seen
 
 

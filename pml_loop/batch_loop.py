@@ -216,7 +216,6 @@ def search_plan(table_q: PairTable, table_r: PairTable, chunk_elements: int) -> 
     return SearchPlan(rows, cols, combos)
 
 
-
 # -- pass 1: search ----------------------------------------------------------------
 def _block_values(g: GramBlocks, row: Group, col: Group, geometry: Geometry, symmetric: bool = False) -> Tensor:
     """``(R, C)``: the optimum of the R query pairs of ``row`` against the C

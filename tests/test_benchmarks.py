@@ -62,10 +62,10 @@ def test_winner_kinds_are_fractions_of_every_visited_combination():
     """Corner, edge and interior split the gradient pass's combinations; tight
     classes far apart meet at their ends (the arcs' closest points are corners)."""
     bench = _bench()
-    for noise in (None, 0.1):
-        kinds = bench.winner_kinds(noise)
+    random, tight = (bench.winner_kinds(noise) for noise in (None, 0.1))
+    for kinds in (random, tight):
         assert all(0 <= v <= 1 for v in kinds.values()) and abs(sum(kinds.values()) - 1) < 1e-6
-    assert bench.winner_kinds(0.1)["corner"] > 0.5 > bench.winner_kinds(None)["corner"]
+    assert tight["corner"] > 0.5 > random["corner"]
 
 
 def test_rederivation_times_restore_the_optimum_finder():
