@@ -45,6 +45,7 @@ import atexit
 import contextlib
 import functools
 import importlib
+import inspect
 import json
 import random
 import shutil
@@ -60,6 +61,7 @@ import torch
 from pytorch_metric_learning import losses
 
 from pml_loop import LoOpLoss
+from pml_loop.backend import numba_available
 
 LOSSES = {
     "Triplet": losses.TripletMarginLoss,
@@ -70,6 +72,20 @@ LOSSES = {
 
 #: LoOpLoss of the build given with ``--against``, or None.
 AGAINST = None
+#: The backends timed side by side: every one installed here.
+BACKENDS = ("torch", "numba") if numba_available() else ("torch",)
+
+
+def torch_path(loss_cls):
+    """``loss_cls`` (this build's LoOpLoss or ``--against``'s) on the torch
+    backend, whose passes the ``parts`` and ``profile`` tables take apart
+    (a build from before backends has no other)."""
+    if "backend" in inspect.signature(loss_cls).parameters:
+        return functools.partial(loss_cls, backend="torch")
+    return loss_cls
+
+
+TORCH_LOOP = torch_path(LoOpLoss)
 
 
 def load_against(checkout: str):
@@ -133,24 +149,27 @@ def ratio_row(label: str, emb, labels, names, repeats: int) -> None:
     fns = {}
     for name in names:
         fns[name] = step(LOSSES[name](), emb, labels)
-        fns["LoOp " + name] = step(LoOpLoss(LOSSES[name]()), emb, labels)
+        for b in BACKENDS:
+            fns[f"LoOp {b} {name}"] = step(LoOpLoss(LOSSES[name](), backend=b), emb, labels)
         if AGAINST is not None:
             fns["against " + name] = step(AGAINST(LOSSES[name]()), emb, labels)
     t = median_times(fns, repeats)
 
     def cell(n):
-        text = f"{1e3 * t[n]:8.2f} / {1e3 * t['LoOp ' + n]:8.2f} ms = {t['LoOp ' + n] / t[n]:5.2f}x"
+        loop = [t[f"LoOp {b} {n}"] for b in BACKENDS]
+        text = (f"{1e3 * t[n]:.2f} / " + " / ".join(f"{1e3 * v:.2f}" for v in loop) + " ms = "
+                + " / ".join(f"{v / t[n]:.2f}x" for v in loop))
         if AGAINST is None:
             return text
-        return f"{t['against ' + n] / t[n]:5.2f}x -> {t['LoOp ' + n] / t[n]:5.2f}x ({text})"
+        return f"--against {t['against ' + n] / t[n]:.2f}x; {text}"
     cells = [cell(n) if n in names else "" for n in LOSSES]
     print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
 def speed(quick: bool) -> None:
     names = list(LOSSES)
-    print("\n## speed: forward + backward, d = 512, plain / LoOp (median), ratio"
-          + ("; --against build's ratio -> this build's" if AGAINST is not None else ""))
+    print("\n## speed: forward + backward, d = 512, median times plain / LoOp with backend="
+          + " / ".join(BACKENDS) + ", and the ratios" + ("; first the --against build's ratio" if AGAINST is not None else ""))
     print("| batch | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     reps = 10 if quick else 30
@@ -191,9 +210,11 @@ def aten(quick: bool) -> None:
     emb, labels = batch(32, 4)
     print("\n## ATen calls of one forward + backward, B = 128 (32 x 4), d = 512")
     for name in ("MultiSimilarity", "Triplet"):
-        cases = {"plain": step(LOSSES[name](), emb, labels), "LoOp eager": step(LoOpLoss(LOSSES[name]()), emb, labels)}
+        cases = {"plain": step(LOSSES[name](), emb, labels)}
+        for b in BACKENDS:
+            cases["LoOp eager" if b == "torch" else f"LoOp {b}"] = step(LoOpLoss(LOSSES[name](), backend=b), emb, labels)
         if not quick:
-            cases["LoOp compile=True"] = step(LoOpLoss(LOSSES[name](), compile=True), emb, labels)
+            cases["LoOp compile=True"] = step(TORCH_LOOP(LOSSES[name](), compile=True), emb, labels)
         cells = [f"{case} {total} ({kernels} kernels)" for case, (total, kernels) in
                  ((case, aten_calls(fn)) for case, fn in cases.items())]
         print(f"{name}: " + ", ".join(cells), flush=True)
@@ -201,7 +222,8 @@ def aten(quick: bool) -> None:
 
 MEMORY_CASES = {
     "plain MultiSimilarityLoss": lambda: losses.MultiSimilarityLoss(),
-    "LoOpLoss(MultiSimilarityLoss)": lambda: LoOpLoss(losses.MultiSimilarityLoss()),
+    **{f"LoOpLoss(MultiSimilarityLoss), backend={b}": functools.partial(
+        lambda b: LoOpLoss(losses.MultiSimilarityLoss(), backend=b), b) for b in BACKENDS},
 }
 
 
@@ -235,11 +257,11 @@ def memory(quick: bool, threads: int) -> None:
             out = subprocess.run([sys.executable, __file__, "--memory-child", case, str(b), str(threads)],
                                  capture_output=True, text=True, check=True)
             row[case] = json.loads(out.stdout.strip().splitlines()[-1])
-        plain, loop = (row[c] for c in MEMORY_CASES)
-        print(f"B = {b}: plain {plain['extra_peak_mb']:.0f} MB ({plain['seconds']:.2f} s), "
-              f"LoOp {loop['extra_peak_mb']:.0f} MB ({loop['seconds']:.2f} s), "
-              f"memory ratio {loop['extra_peak_mb'] / plain['extra_peak_mb']:.2f}x, "
-              f"finite gradients: {loop['finite']}", flush=True)
+        plain, *loops = (row[c] for c in MEMORY_CASES)
+        print(f"B = {b}: plain {plain['extra_peak_mb']:.0f} MB ({plain['seconds']:.2f} s)" + "".join(
+              f", LoOp {backend} {loop['extra_peak_mb']:.0f} MB ({loop['seconds']:.2f} s, "
+              f"{loop['extra_peak_mb'] / plain['extra_peak_mb']:.2f}x, finite gradients: {loop['finite']})"
+              for backend, loop in zip(BACKENDS, loops)), flush=True)
 
 
 def train(quick: bool) -> None:
@@ -266,13 +288,15 @@ def train(quick: bool) -> None:
 
     print("\n## train: one step of the glyph CNN (16 x 16, batch 128 = 32 x 4, 128-d), median")
     for name in ("Triplet", "MultiSimilarity"):
-        fns = {"plain": run(LOSSES[name]()), "loop": run(LoOpLoss(LOSSES[name]()))}
+        fns = {"plain": run(LOSSES[name]())}
+        for b in BACKENDS:
+            fns[b] = run(LoOpLoss(LOSSES[name](), backend=b))
         if AGAINST is not None:
             fns["against"] = run(AGAINST(LOSSES[name]()))
         t = median_times(fns, 10 if quick else 40)
         against = f", --against build {t['against'] / t['plain']:.3f}x" if AGAINST is not None else ""
-        print(f"{name}: plain {1e3 * t['plain']:.1f} ms, LoOp {1e3 * t['loop']:.1f} ms, "
-              f"ratio {t['loop'] / t['plain']:.3f}x{against}", flush=True)
+        print(f"{name}: plain {1e3 * t['plain']:.1f} ms" + "".join(
+              f", LoOp {b} {1e3 * t[b]:.1f} ms ({t[b] / t['plain']:.3f}x)" for b in BACKENDS) + against, flush=True)
 
 
 def parts(quick: bool) -> None:
@@ -301,10 +325,10 @@ def parts(quick: bool) -> None:
                 fn()
         return run
 
-    print("\n## parts: wall-clock split of one forward + backward, d = 512, median")
+    print("\n## parts: wall-clock split of one forward + backward, backend=\"torch\", d = 512, median")
     for name in ("MultiSimilarity", "Triplet"):
         emb, labels = batch(32, 4)
-        loop = step(LoOpLoss(LOSSES[name]()), emb, labels)
+        loop = step(TORCH_LOOP(LOSSES[name]()), emb, labels)
         without = without_passes(loop)
         without()
         calls = {}
@@ -326,9 +350,9 @@ def parts(quick: bool) -> None:
         print(f"{name} pass alone, MultiSimilarity (median):", flush=True)
         for b, m in sizes:
             emb, labels = batch(b // m, m)
-            fns = {"this build": captured_pass(LoOpLoss, part, emb, labels)}
+            fns = {"this build": captured_pass(TORCH_LOOP, part, emb, labels)}
             if AGAINST is not None:
-                fns["--against build"] = captured_pass(AGAINST, part, emb, labels)
+                fns["--against build"] = captured_pass(torch_path(AGAINST), part, emb, labels)
             t = median_times(fns, max(5, reps * 128 // b))
             print(f"  B = {b}, m = {m}: " + ", ".join(f"{name} {1e3 * v:.2f} ms" for name, v in t.items()), flush=True)
     print("winning combinations visited by the gradient pass per negative entry of the upper triangle "
@@ -347,7 +371,7 @@ def parts(quick: bool) -> None:
           + ", ".join(f"{k} {v:,}" for k, v in triplets_kept().items()), flush=True)
     emb, labels = batch(4, 4)
     t = median_times({"plain": step(losses.MultiSimilarityLoss(), emb, labels),
-                      "LoOp": step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)}, 5 * reps)
+                      "LoOp": step(TORCH_LOOP(losses.MultiSimilarityLoss()), emb, labels)}, 5 * reps)
     print(f"fixed cost per call, MultiSimilarity, B = 16 (4 x 4): plain {1e3 * t['plain']:.2f} ms, "
           f"LoOp {1e3 * t['LoOp']:.2f} ms", flush=True)
 
@@ -361,7 +385,7 @@ def triplets_kept() -> dict:
     for name, wrap in (("plain", False), ("LoOp", True)):
         inner = losses.TripletMarginLoss()
         inner.reducer.collect_stats = True
-        (LoOpLoss(inner) if wrap else inner)(emb, labels)
+        (TORCH_LOOP(inner) if wrap else inner)(emb, labels)
         kept[name] = inner.reducer.num_past_filter
     return kept
 
@@ -386,8 +410,8 @@ def rederivation_times(reps: int) -> dict:
                 fn()
         return run
 
-    gradient = captured_pass(LoOpLoss, "_winners_grad", emb, labels)
-    loop = step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)
+    gradient = captured_pass(TORCH_LOOP, "_winners_grad", emb, labels)
+    loop = step(TORCH_LOOP(losses.MultiSimilarityLoss()), emb, labels)
     return median_times({"pass": gradient, "pass, optima cached": optima_cached(gradient), "step": loop,
                          "step, optima cached": optima_cached(loop),
                          "plain": step(losses.MultiSimilarityLoss(), emb, labels)}, reps)
@@ -412,7 +436,7 @@ def winner_kinds(noise: float | None) -> dict:
         return original(fields, grad)
 
     with _replaced(bl, "_arc_partials", spy):
-        step(LoOpLoss(losses.MultiSimilarityLoss()), emb, labels)()
+        step(TORCH_LOOP(losses.MultiSimilarityLoss()), emb, labels)()
     weights = arc_entry_optimum(torch.cat(seen, 1))[1]  # (2, 2, N): [[b1, a1], [b2, a2]]
     at_end = (weights == 0).any(0)  # (2, N): the point of each arc is one of its ends
     corner, end = at_end.all(0).float().mean().item(), at_end.any(0).float().mean().item()
@@ -423,7 +447,7 @@ def shared_winners(m: int) -> float:
     """Distinct winning combinations per negative entry (i < j) of a step's
     search, B = 128: what the CPU's gradient pass visits, per entry."""
     emb, labels = batch(128 // m, m)
-    search, ((a, k),) = _calls(LoOpLoss, "search_winners", emb, labels)
+    search, ((a, k),) = _calls(TORCH_LOOP, "search_winners", emb, labels)
     winners = search(*a, **k)
     negative = torch.triu(labels[:, None] != labels[None, :], diagonal=1)
     return len(torch.unique(winners.combo[negative])) / int(negative.sum())
@@ -444,7 +468,7 @@ def _calls(loss_cls, part: str, emb, labels) -> tuple:
     """The search (``part="search_winners"``) or gradient (``"_winners_grad"``)
     pass of ``loss_cls``'s build (this one or ``--against``), and the
     arguments of each of its calls in one step."""
-    package = loss_cls.__module__.rsplit(".", 1)[0]
+    package = getattr(loss_cls, "func", loss_cls).__module__.rsplit(".", 1)[0]  # through a partial
     module = sys.modules[package + (".distance" if part == "search_winners" else ".batch_loop")]
     original, seen = getattr(module, part), []
 
@@ -467,7 +491,7 @@ def profile_table(quick: bool) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
     import pml_loop.batch_loop as bl
     emb, labels = batch(32, 4)
-    loss = LoOpLoss(losses.MultiSimilarityLoss())
+    loss = TORCH_LOOP(losses.MultiSimilarityLoss())
     originals = {}
     for fn in ("search_winners", "loop_entries"):
         originals[fn] = getattr(bl, fn)

@@ -30,6 +30,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from . import backend
 from .functional import Geometry, QuadGram, best_candidate, candidate_weights
 from .functional.compiled import maybe_compiled
 from .functional.gram import constant, first_max, flat_positions, scalar, scatter_add, steps, take
@@ -337,12 +338,14 @@ def search_winners(g: GramBlocks, table_q: PairTable, table_r: PairTable, geomet
         scores = block_values(g, plan.rows[0], plan.cols[0], geometry, symmetric)
         best, combo = _reduce_block(scores, plan.rows[0], plan.cols[0], combos, symmetric)
         return Winners(combo.contiguous(), measure_of_score(best.contiguous(), geometry), combos)
-    # Entries no block reaches (one class on both sides) keep the corner (i, j),
-    # the optimum of the points (i, i) and (j, j), and any combination: they
-    # are no negative entries, so neither is used.
+    # Every entry starts at its corner (i, j) with a combination of a pair of
+    # i and one of j: the corner is a candidate of each such combination, so
+    # where no block beats it (a tie: the corner is the optimum) value and
+    # combination still agree. Entries no block reaches (one class on both
+    # sides) are no negative entries and keep them unused.
     device = g.qr.device
     best = g.qr.clone() if geometry != "segment" else _corner_scores(g)
-    combo = torch.zeros(n_q, n_r, dtype=combos.dtype, device=device)
+    combo = combos.of(table_q.owned[:, :1].to(combos.dtype), table_r.owned[None, :, 0].to(combos.dtype))
     disjoint = plan.disjoint
 
     def settle(row: Group, col: Group, results: tuple[Tensor, Tensor]) -> None:
@@ -613,13 +616,14 @@ class _LoOpEntries(torch.autograd.Function):
     node for what would be half a dozen elementwise ones."""
 
     @staticmethod
-    def forward(ctx, base, qq, rr, qr, neg, winners, units, inverted, geometry, chunk_elements, compile):
+    def forward(ctx, base, qq, rr, qr, neg, winners, units, inverted, geometry, chunk_elements, compile, layout):
         loop, slope = _in_units(winners.value, units)
         # The optimum includes the endpoints; clamping to the base value makes
         # "never farther than the plain distance" exact despite rounding.
         loop = torch.maximum(loop, base) if inverted else torch.minimum(loop, base)
         ctx.same_set = qq is rr and rr is qr
         ctx.settings = (winners, geometry, chunk_elements, compile)
+        ctx.layout = layout
         ctx.save_for_backward(qq, rr, qr, neg, slope)
         return torch.where(neg, loop, base)
 
@@ -630,16 +634,33 @@ class _LoOpEntries(torch.autograd.Function):
         # hold n_q x n_r values more): products with it cost a fraction of a
         # select or a masked fill on a boolean mask (CPU).
         neg = neg.to(grad_out.dtype)
-        d = _winners_grad(qq, rr, qr, ctx.same_set, *ctx.settings, (grad_out * slope).mul_(neg))
+        grad_measure = (grad_out * slope).mul_(neg)
+        if ctx.layout is None:
+            d = _winners_grad(qq, rr, qr, ctx.same_set, *ctx.settings, grad_measure)
+        else:
+            winners, geometry, chunk_elements, _ = ctx.settings
+            d_qr, d_qq, d_rr = backend.gradient(qq, rr, qr, ctx.layout, geometry, winners.combo, grad_measure,
+                                                chunk_elements)
+            d = GramBlocks(d_qq, d_rr, d_qr)
         grad_base = torch.addcmul(grad_out, grad_out, neg, value=-1)
         if ctx.same_set:
-            return grad_base, None, None, d.qr, None, None, None, None, None, None, None
-        return grad_base, d.qq, d.rr, d.qr, None, None, None, None, None, None, None
+            return grad_base, None, None, d.qr, None, None, None, None, None, None, None, None
+        return grad_base, d.qq, d.rr, d.qr, None, None, None, None, None, None, None, None
 
 
 def loop_entries(base: Tensor, g: GramBlocks, neg: Tensor, winners: Winners, units: Units, inverted: bool,
-                 geometry: Geometry, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False) -> Tensor:
+                 geometry: Geometry, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, compile: bool = False,
+                 layout: backend.NumbaLayout | None = None) -> Tensor:
     """``(n_q, n_r)``: ``base`` with its negative entries (``neg``) replaced by
     the winners' measures in base units (``units``; ``inverted``: the base is
-    a similarity), with the gradient of the optimum to the Gram blocks."""
-    return _LoOpEntries.apply(base, g.qq, g.rr, g.qr, neg, winners, units, inverted, geometry, chunk_elements, compile)
+    a similarity), with the gradient of the optimum to the Gram blocks (by
+    the numba kernel when a ``layout`` is given)."""
+    return _LoOpEntries.apply(base, g.qq, g.rr, g.qr, neg, winners, units, inverted, geometry, chunk_elements, compile,
+                              layout)
+
+
+def numba_winners(g: GramBlocks, layout: backend.NumbaLayout, geometry: Geometry, combos: Combos,
+                  chunk_elements: int) -> Winners:
+    """:func:`search_winners` by the numba kernel."""
+    best, combo = backend.search(g.qq, g.rr, g.qr, layout, geometry, combos, chunk_elements)
+    return Winners(combo, measure_of_score(best, geometry), combos)

@@ -21,6 +21,7 @@ from pytorch_metric_learning.distances import (
 )
 from torch import Tensor
 
+from .backend import Backend, NumbaLayout, check_backend, numba_layout, resolve_backend
 from .batch_loop import (
     DEFAULT_CHUNK_ELEMENTS,
     DEFAULT_GPU_CHUNK_ELEMENTS,
@@ -30,6 +31,7 @@ from .batch_loop import (
     Units,
     gram_blocks,
     loop_entries,
+    numba_winners,
     search_plan,
     search_winners,
 )
@@ -68,6 +70,7 @@ class _Structure(NamedTuple):
     table_r: PairTable
     plan: SearchPlan
     has_negatives: bool
+    layout: NumbaLayout | None  # for the numba backend
 
 
 class _Search(NamedTuple):
@@ -96,6 +99,10 @@ class LoOpDistance(BaseDistance):
             2**18 on the CPU, 2**24 on a GPU (where fewer, larger kernels pay).
         compile: run the search and gradient kernels through ``torch.compile``
             (Triton on a GPU; ~20 s to compile once per process, eager fallback).
+        backend: ``"torch"`` (PyTorch operations, every device), ``"numba"``
+            (compiled CPU loops, ``pip install pml-loop[numba]``; several
+            times faster on the CPU) or ``"auto"`` (numba for CPU tensors when
+            installed and ``compile`` is off, else torch). See ``pml_loop.backend``.
         nonfinite: what a NaN or infinite embedding does: ``"warn"`` (like PML:
             the affected matrix is NaN, so the loss is NaN and a GradScaler can
             skip the step; a warning says so), ``"raise"`` (ValueError) or
@@ -124,6 +131,7 @@ class LoOpDistance(BaseDistance):
         chunk_elements: int | None = None,
         compile: bool = False,
         nonfinite: NonFinite = "warn",
+        backend: Backend = "auto",
         **kwargs,
     ):
         base = LpDistance(normalize_embeddings=True, p=2) if distance is None else distance
@@ -136,6 +144,7 @@ class LoOpDistance(BaseDistance):
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if chunk_elements is not None and int(chunk_elements) < 1:
             raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        check_backend(backend)
         super().__init__(
             normalize_embeddings=base.normalize_embeddings, p=base.p, power=base.power,
             is_inverted=base.is_inverted, **kwargs,
@@ -146,6 +155,9 @@ class LoOpDistance(BaseDistance):
         self.chunk_elements = None if chunk_elements is None else int(chunk_elements)
         self.compile = bool(compile)
         self.nonfinite = nonfinite
+        self.backend: Backend = backend
+        #: The backend of the last search: "torch" or "numba".
+        self.last_backend: str | None = None
         self._binding: _Binding | None = None
         self._share_depth = 0
         self._shared: _Search | None = None
@@ -319,11 +331,16 @@ class LoOpDistance(BaseDistance):
             if not st.has_negatives:
                 self._record(base, base, neg)
                 return base
-            s = _Search(keys, st, search_winners(g, st.table_q, st.table_r, self.geometry, st.plan, self.compile))
+            if st.layout is not None:
+                winners = numba_winners(g, st.layout, self.geometry, st.plan.combos, self._chunk(qn.device))
+            else:
+                winners = search_winners(g, st.table_q, st.table_r, self.geometry, st.plan, self.compile)
+            self.last_backend = "torch" if st.layout is None else "numba"
+            s = _Search(keys, st, winners)
             if self._share_depth > 0:
                 self._shared = s
         mat = loop_entries(base, g, neg, s.winners, self._units(), self.is_inverted, self.geometry,
-                           self._chunk(qn.device), self.compile)
+                           self._chunk(qn.device), self.compile, s.structure.layout)
         self._record(base, mat, neg)
         return mat
 
@@ -384,8 +401,12 @@ class LoOpDistance(BaseDistance):
             self._warn_once("singletons", "every sample of the batch is its own class: no positive pairs, "
                             "so LoOp equals the plain distance; sample several per class "
                             "(e.g. PML's MPerClassSampler)")
-        plan = search_plan(table_q, table_r, self._chunk(table_q.ends.device))
-        return _Structure(table_q, table_r, plan, has_negatives)
+        device = table_q.ends.device
+        plan = search_plan(table_q, table_r, self._chunk(device))
+        layout = None
+        if has_negatives and resolve_backend(getattr(self, "backend", "torch"), device, self.compile) == "numba":
+            layout = numba_layout(table_q, table_r, q_labels, r_labels)
+        return _Structure(table_q, table_r, plan, has_negatives, layout)
 
     def _chunk(self, device: torch.device) -> int:
         if self.chunk_elements is not None:

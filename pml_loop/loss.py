@@ -12,6 +12,7 @@ from pytorch_metric_learning.reducers import BaseReducer, DoNothingReducer, Mult
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor
 
+from .backend import Backend
 from .distance import LoOpDistance, NonFinite
 from .miner import LoOpMiner
 from .pairs import Partners
@@ -42,7 +43,7 @@ class LoOpLoss(BaseMetricLossFunction):
             batch is searched once), one that disagrees is an error.
         reducer: optional reducer used instead of the wrapped loss's own during
             the call, e.g. :class:`LoOpReducer`.
-        partners, chunk_elements, compile, nonfinite: see :class:`LoOpDistance`.
+        partners, chunk_elements, compile, nonfinite, backend: see :class:`LoOpDistance`.
         collect_stats: as for any PML loss.
     """
 
@@ -55,6 +56,7 @@ class LoOpLoss(BaseMetricLossFunction):
         chunk_elements: int | None = None,
         compile: bool = False,
         nonfinite: NonFinite = "warn",
+        backend: Backend = "auto",
         collect_stats: bool | None = None,
         **kwargs,
     ):
@@ -83,7 +85,7 @@ class LoOpLoss(BaseMetricLossFunction):
         self.loss, self.miner = loss, miner
         self.reducer_override = None if reducer is None else _reducer_for(inner, reducer)
         self.loop_distance = LoOpDistance(inner.distance, partners=partners, chunk_elements=chunk_elements,
-                                          compile=compile, nonfinite=nonfinite)
+                                          compile=compile, nonfinite=nonfinite, backend=backend)
         self.paired = isinstance(inner, NPairsLoss)
         for m in (miner, getattr(loss, "miner", None)):
             if isinstance(m, LoOpMiner):
@@ -156,11 +158,11 @@ class LoOpLoss(BaseMetricLossFunction):
         theirs.follow(theirs.base)
         conflicts = [f"{k}: loss {a!r}, miner {b!r}" for k, a, b in (
             ("distance", _describe(own.base), _describe(theirs.base)),
-            ("partners", own.partners, theirs.partners))
+            ("partners", own.partners, theirs.partners), ("backend", own.backend, theirs.backend))
             if a != b]
         if conflicts:
             raise ValueError("the LoOpMiner and the loss must measure alike to share a search; "
-                             + "; ".join(conflicts) + ". Give the miner the loss's distance and partners")
+                             + "; ".join(conflicts) + ". Give the miner the loss's distance, partners and backend")
         return theirs
 
     @contextlib.contextmanager

@@ -9,6 +9,7 @@ from pytorch_metric_learning.miners import BaseMiner
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
+from .backend import Backend
 from .distance import LoOpDistance
 from .pairs import Partners
 
@@ -35,7 +36,7 @@ class LoOpMiner(BaseMiner):
             with the partners p of a and q of n whose pairs realise its LoOp
             value (not a PML indices tuple: for your own losses).
         distance: a plain PML distance (wrapped here) or a shared LoOpDistance.
-        partners, compile: see :class:`LoOpDistance`.
+        partners, compile, backend: see :class:`LoOpDistance` (for a plain ``distance``).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class LoOpMiner(BaseMiner):
         distance: BaseDistance | None = None,
         partners: Partners = "all",
         compile: bool = False,
+        backend: Backend = "auto",
         **kwargs,
     ):
         if type_of_tuples not in TUPLE_TYPES:
@@ -53,7 +55,7 @@ class LoOpMiner(BaseMiner):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if not isinstance(distance, LoOpDistance):
-            distance = LoOpDistance(distance, partners=partners, compile=compile)
+            distance = LoOpDistance(distance, partners=partners, compile=compile, backend=backend)
         elif partners != distance.partners:
             raise ValueError(f"partners={partners!r} conflicts with the given LoOpDistance's "
                              f"partners={distance.partners!r}")

@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # The suite is sized for 2 shared cores; keep intra-op threads predictable.
@@ -22,3 +23,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def _installed_backends() -> tuple[str, ...]:
+    from pml_loop.backend import numba_available
+
+    return ("torch", "numba") if numba_available() else ("torch",)
+
+
+#: Every backend installed here; a test taking the ``backend`` fixture runs on each.
+INSTALLED_BACKENDS = _installed_backends()
+
+
+@pytest.fixture(params=INSTALLED_BACKENDS)
+def backend(request):
+    return request.param

@@ -42,7 +42,7 @@ def test_passes_are_captured_from_either_build(monkeypatch):
     emb, labels = bench.batch(6, 4, d=8)
     import pml_loop.batch_loop as bl
     original = bl._winners_grad
-    for loss_cls in (LoOpLoss, other):
+    for loss_cls in (bench.TORCH_LOOP, bench.torch_path(other)):
         winners = bench.captured_pass(loss_cls, "search_winners", emb, labels)()
         gradient = bench.captured_pass(loss_cls, "_winners_grad", emb, labels)()
         assert winners.value.shape == gradient.qr.shape == (24, 24)

@@ -80,6 +80,7 @@ def test_setup_cfg_extras():
     core = requirement_names(cfg["options"]["install_requires"])
     extras = {name: requirement_names(value) for name, value in cfg["options.extras_require"].items()}
     assert core == {"torch", "pytorch-metric-learning", "numpy"}
+    assert extras["numba"] == {"numba"} and "numba" in extras["bench"]  # the runner trains on the fast path
     assert extras["gpu"] == extras["bench"] - {"faiss-cpu"} | {"faiss-gpu"}
     assert extras["test"] == extras["bench"] | {"pytest", "scipy", "fonttools", "nbclient", "nbformat", "ipykernel"}
     # what the import-time checks ask for is what the extra installs

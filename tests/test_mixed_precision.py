@@ -127,26 +127,29 @@ def test_float64_and_float32_are_not_touched():
     assert working_dtype(emb.bfloat16(), emb.double()) == torch.float64
 
 
-def test_geometry_runs_in_float32_under_autocast(monkeypatch):
+def test_geometry_runs_in_float32_under_autocast(monkeypatch, backend):
     """The search and the measure see float32 Gram blocks, never half ones."""
     import pml_loop.distance as distance_module
 
     seen = []
-    real_search, real_measure = distance_module.search_winners, distance_module.loop_entries
+    real_measure = distance_module.loop_entries
 
-    def search(g, *args, **kwargs):
-        seen.append(("search", g.qr.dtype, torch.is_autocast_enabled("cpu")))
-        return real_search(g, *args, **kwargs)
+    def spy(real):
+        def search(g, *args, **kwargs):
+            seen.append(("search", g.qr.dtype, torch.is_autocast_enabled("cpu")))
+            return real(g, *args, **kwargs)
+        return search
 
     def measure(base, g, *args, **kwargs):
         seen.append(("measure", g.qr.dtype, torch.is_autocast_enabled("cpu")))
         return real_measure(base, g, *args, **kwargs)
 
-    monkeypatch.setattr(distance_module, "search_winners", search)
+    for name in ("search_winners", "numba_winners"):  # whichever backend runs
+        monkeypatch.setattr(distance_module, name, spy(getattr(distance_module, name)))
     monkeypatch.setattr(distance_module, "loop_entries", measure)
     emb, labels = _batch("cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        LoOpLoss(losses.MultiSimilarityLoss())(emb.bfloat16(), labels)
+        LoOpLoss(losses.MultiSimilarityLoss(), backend=backend)(emb.bfloat16(), labels)
     assert seen == [("search", torch.float32, False), ("measure", torch.float32, False)]
 
 

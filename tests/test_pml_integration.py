@@ -140,14 +140,16 @@ def test_cross_batch_memory():
     assert cbm.miner.distance is miner_distance and cbm.loss.distance.__class__ is LpDistance
 
 
-def test_miner_shares_the_search_with_the_loss(monkeypatch):
+def test_miner_shares_the_search_with_the_loss(monkeypatch, backend):
     import pml_loop.distance as dist_mod
     calls = []
-    original = dist_mod.search_winners
-    monkeypatch.setattr(dist_mod, "search_winners", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for name in ("search_winners", "numba_winners"):
+        original = getattr(dist_mod, name)
+        monkeypatch.setattr(dist_mod, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     emb, labels = _batch(7)
-    LoOpLoss(losses.TripletMarginLoss(), miner=LoOpMiner(type_of_tuples="semihard"))(emb, labels)
-    assert len(calls) == 1
+    LoOpLoss(losses.TripletMarginLoss(), miner=LoOpMiner(type_of_tuples="semihard", backend=backend),
+             backend=backend)(emb, labels)
+    assert calls == ["search_winners" if backend == "torch" else "numba_winners"]
 
 
 def test_loop_miner_outputs():

@@ -1,0 +1,170 @@
+"""Which implementation runs the LoOp search and gradient passes.
+
+``"torch"``: the PyTorch operations of ``batch_loop`` (every device;
+``compile=True`` fuses them). ``"numba"``: the same algorithm as compiled CPU
+loops (:mod:`.functional.numba_kernels`), from the ``numba`` extra
+(``pip install pml-loop[numba]``): no system compiler, compiled once and then
+cached on disk. ``"auto"``: numba for CPU tensors when it is installed and
+``compile`` is off, else torch.
+
+Numba keys its disk cache by the kernels' source and the CPU it compiled for
+and writes it without locks: a cache from another CPU is recompiled, and
+nothing waits on a lock.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .pairs import Combos, PairTable
+
+Backend = Literal["auto", "torch", "numba"]
+BACKENDS = ("auto", "torch", "numba")
+NUMBA_MISSING = "backend='numba' needs numba: pip install 'pml-loop[numba]'"
+
+
+@functools.lru_cache(maxsize=1)
+def numba_available() -> bool:
+    """Whether numba imports (with this numpy)."""
+    try:
+        importlib.import_module("numba")
+    except Exception:  # ImportError, or numba refusing this numpy version
+        return False
+    return True
+
+
+def check_backend(backend: str) -> None:
+    """A clear error at construction for an unknown or unavailable backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "numba" and not numba_available():
+        raise ImportError(NUMBA_MISSING)
+
+
+def resolve_backend(backend: Backend, device: torch.device, compile: bool) -> Literal["torch", "numba"]:
+    """The backend a call runs on; ``"numba"`` asked for on another device is an error."""
+    if backend == "torch":
+        return "torch"
+    if backend == "numba":
+        if device.type != "cpu":
+            raise ValueError(f"backend='numba' runs on the CPU; the embeddings are on {device}: "
+                             "use backend='torch' (or 'auto') on a GPU")
+        return "numba"
+    return "numba" if device.type == "cpu" and not compile and numba_available() else "torch"
+
+
+class NumbaLayout(NamedTuple):
+    """A batch's classes as the kernels read them (numpy, int64).
+
+    order_q: query samples sorted by class (the pair table's class order);
+    sample_start, pair_start: ``(C + 1,)`` each class's range of ``order_q``
+    and of the query pairs; cls_r: one set only, each sample's class number;
+    work: the order in which the parallel loop hands classes out.
+    """
+
+    ends_q: np.ndarray
+    ends_r: np.ndarray
+    owned_q: np.ndarray
+    owned_r: np.ndarray
+    labels_q: np.ndarray
+    labels_r: np.ndarray
+    pair_labels_r: np.ndarray
+    cls_r: np.ndarray
+    order_q: np.ndarray
+    sample_start: np.ndarray
+    pair_start: np.ndarray
+    work: np.ndarray
+    one_set: bool
+
+
+def numba_layout(table_q: PairTable, table_r: PairTable, q_labels: Tensor, r_labels: Tensor) -> NumbaLayout:
+    """The layout of a batch, from its pair tables and labels."""
+    one_set = table_q is table_r
+
+    def host(t: Tensor) -> np.ndarray:
+        return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.int64))
+
+    labels_q = host(q_labels)
+    pair_start = np.concatenate(([0], np.cumsum(table_q.runs))).astype(np.int64)
+    # Class numbers in the table's order: its runs' labels, looked up per sample.
+    run_labels = host(table_q.labels)[pair_start[:-1]]
+    by_label = np.argsort(run_labels, kind="stable")
+    cls = by_label[np.searchsorted(run_labels[by_label], labels_q)]
+    order_q = np.argsort(cls, kind="stable").astype(np.int64)
+    sample_start = np.concatenate(([0], np.cumsum(np.bincount(cls, minlength=len(run_labels))))).astype(np.int64)
+    classes = len(run_labels)
+    if one_set:  # class c works on the classes after it: pair the longest with the shortest
+        work = np.empty(classes, np.int64)
+        work[0::2] = np.arange((classes + 1) // 2)
+        work[1::2] = np.arange(classes - 1, (classes - 1) // 2, -1)
+    else:
+        work = np.arange(classes, dtype=np.int64)
+    return NumbaLayout(
+        host(table_q.ends), host(table_r.ends), host(table_q.owned), host(table_r.owned), labels_q,
+        labels_q if one_set else host(r_labels), host(table_r.labels),
+        cls.astype(np.int64) if one_set else np.zeros(1, np.int64), order_q, sample_start, pair_start, work,
+        one_set)
+
+
+def _kernels():
+    from .functional import numba_kernels
+
+    numba_kernels.set_threads(torch.get_num_threads())
+    return numba_kernels
+
+
+def _slab(chunk_elements: int, k_r: int) -> int:
+    """A class's pairs handled at once: about ``chunk_elements`` combinations."""
+    return max(1, chunk_elements // max(1, k_r))
+
+
+def _gram(x: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().numpy())
+
+
+def search(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: str, combos: Combos,
+           chunk_elements: int) -> tuple[Tensor, Tensor]:
+    """The best score ``(n_q, n_r)`` (see ``batch_loop.measure_of_score``) and
+    combination of every entry, by the numba kernel."""
+    k = _kernels()
+    g_qr = _gram(qr)
+    g_qq, g_rr = (g_qr, g_qr) if layout.one_set else (_gram(qq), _gram(rr))
+    best = np.empty(g_qr.shape, g_qr.dtype)
+    combo = np.empty(g_qr.shape, np.int32 if combos.dtype == torch.int32 else np.int64)
+    k.search(g_qr, g_qq, g_rr, k.GEOMETRY_CODES[geometry], layout.one_set, layout.ends_q, layout.ends_r,
+             layout.owned_q, layout.owned_r, layout.labels_q, layout.labels_r, layout.pair_labels_r, layout.cls_r,
+             layout.order_q, layout.sample_start, layout.pair_start, layout.work,
+             _slab(chunk_elements, len(layout.ends_r)), best, combo)
+    return torch.from_numpy(best), torch.from_numpy(combo)
+
+
+def gradient(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: str, combo: Tensor,
+             grad: Tensor, chunk_elements: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(d_qr, d_qq, d_rr)``: the gradient of the winners' scores (``grad``,
+    zero off the negative entries) to the Gram blocks; for one set all of it
+    in ``d_qr`` (the others ``None``)."""
+    k = _kernels()
+    g_qr = _gram(qr)
+    g_qq, g_rr = (g_qr, g_qr) if layout.one_set else (_gram(qq), _gram(rr))
+    d_qr = np.zeros_like(g_qr)
+    d_qq = d_qr if layout.one_set else np.zeros_like(g_qq)
+    own = np.zeros((k.numba.config.NUMBA_NUM_THREADS, 3, len(layout.ends_r)), g_qr.dtype)
+    k.gradient(g_qr, g_qq, g_rr, k.GEOMETRY_CODES[geometry], layout.one_set, layout.ends_q, layout.ends_r,
+               combo.numpy(), _gram(grad), layout.cls_r, layout.order_q, layout.sample_start, layout.pair_start,
+               layout.work, _slab(chunk_elements, len(layout.ends_r)), d_qr, d_qq, own)
+    # The second pairs' own partials, gathered per thread, land on their ends.
+    own = own.sum(0)
+    d_rr = d_qr if layout.one_set else np.zeros_like(g_rr)
+    x3, x4 = layout.ends_r[:, 0], layout.ends_r[:, 1]
+    np.add.at(d_rr, (x3, x4), own[1])
+    if geometry == "segment":
+        np.add.at(d_rr, (x3, x3), own[0])
+        np.add.at(d_rr, (x4, x4), own[2])
+    if layout.one_set:
+        return torch.from_numpy(d_qr), None, None
+    return torch.from_numpy(d_qr), torch.from_numpy(d_qq), torch.from_numpy(d_rr)

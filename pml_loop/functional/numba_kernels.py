@@ -1,0 +1,446 @@
+"""The LoOp search and gradient as numba kernels: the ``backend="numba"`` path.
+
+The same algorithm as :mod:`.grid` (search) and ``batch_loop``'s gradient
+pass, written as loops that numba compiles once (cached on disk): on the CPU
+the PyTorch path spends most of a B = 128 step launching a few hundred small
+operations, a compiled loop does the arithmetic of a combination in
+registers. Imported only when the numba backend is used (``pip install
+pml-loop[numba]``).
+
+Work is organised by the query side's classes, one class per task of the
+parallel loop: a class's samples and pairs are a row band of every output,
+so no two tasks write one place. For each class and each reference pair the
+kernels compute, as :mod:`.grid` does, each end's best corner or edge against
+the other side's pair once per (sample, pair), then each combination's
+interior candidate, and keep per entry the best combination. Within one set
+a task handles only the entries (i, j) with j's class after i's (a
+combination and its mirror image are one), and a last pass mirrors them.
+
+Memory: per task a few tables of (class samples or pairs) x (reference pairs
+or samples), with a class's pairs taken ``slab`` at a time, plus the outputs.
+
+Conventions: ``geom`` 0 arcs (score: the cosine), 1 segments (minus the
+squared distance), 2 dot product; larger scores are better. Combinations are
+numbered as :class:`~pml_loop.pairs.Combos` numbers them.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+ARC, SEGMENT, DOT = 0, 1, 2
+GEOMETRY_CODES = {"arc": ARC, "segment": SEGMENT, "dot": DOT}
+
+_OPTS = dict(cache=True, nogil=True)
+
+
+# -- per pair ------------------------------------------------------------------
+@njit(**_OPTS)
+def _pair_info(g_own, ends, geom, out):
+    """Per pair (rows of ``out``), from the inner products ``g_own`` of its set:
+    arcs: -c, the sine s of its angle (0 if flat) and s / (1 - c^2);
+    segments: x1.x1, x1.x2, x2.x2, |x2 - x1|^2, its inverse (0 for a point)
+    and the degeneracy threshold eps (|x1|^2 + |x2|^2 + 1)."""
+    eps = np.finfo(g_own.dtype).eps
+    tiny = np.finfo(g_own.dtype).tiny
+    for k in range(ends.shape[0]):
+        x1, x2 = ends[k, 0], ends[k, 1]
+        if geom == ARC:
+            c = g_own[x1, x2]
+            det = 1.0 - c * c
+            if det > 1e3 * eps:
+                s = math.sqrt(det)
+                out[k, 0], out[k, 1], out[k, 2] = -c, s, s / max(det, tiny)
+            else:
+                out[k, 0], out[k, 1], out[k, 2] = -c, 0.0, 0.0
+        elif geom == SEGMENT:
+            g11, g12, g22 = g_own[x1, x1], g_own[x1, x2], g_own[x2, x2]
+            length = (g11 + g22) - 2.0 * g12
+            small = eps * (abs(g11 + g22) + 1.0)
+            out[k, 0], out[k, 1], out[k, 2] = g11, g12, g22
+            out[k, 3], out[k, 4], out[k, 5] = length, (1.0 / length if length > small else 0.0), small
+
+
+@njit(inline="always")
+def _arc_end(g3, g4, nc, s, inv):
+    """A unit point against an arc (its inner products g3, g4 with the ends):
+    its coordinate on the arc's e2 and its best corner or edge cosine."""
+    y = (g4 + g3 * nc) * inv
+    best = max(g3, g4)
+    if min(y, g3 * s + y * nc) > 0:  # the projection lies strictly inside the arc
+        best = max(best, math.sqrt(g3 * g3 + y * y))
+    return y, best
+
+
+@njit(inline="always")
+def _point_segment(yy, y0, y1, n0, k, length, inv):
+    """Squared distance of a point to a segment z0 -> z1 (see ``grid._point_segment``)."""
+    along = (y1 - y0) + k
+    t = min(max(along * inv, 0.0), 1.0)
+    return yy - 2.0 * y0 + n0 - 2.0 * t * (along - 0.5 * t * length)
+
+
+@njit(inline="always")
+def _end_score(geom, g3, g4, yy, info):
+    """A point (inner products g3, g4 with a pair's ends, yy with itself)
+    against a pair (``info``, see :func:`_pair_info`): the first two table
+    fields and its best corner or edge score."""
+    if geom == ARC:
+        y, best = _arc_end(g3, g4, info[0], info[1], info[2])
+        return g3, y, best
+    if geom == SEGMENT:
+        return g3, g4, -_point_segment(yy, g3, g4, info[0], info[0] - info[1], info[3], info[4])
+    return g3, g4, max(g3, g4)
+
+
+@njit(inline="always")
+def _arc_interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r):
+    """Top singular value of the 2 x 2 cross matrix of two arcs' planes when its
+    singular vectors lie strictly inside both arcs (else -inf), and the
+    vectors u (first arc), v (second) in the planes' bases (see ``grid._interior``)."""
+    s11 = m11 * m11 + m21 * m21
+    s22 = m12 * m12 + m22 * m22
+    s12 = m11 * m12 + m21 * m22
+    half = (s11 - s22) * 0.5
+    root = math.sqrt(half * half + s12 * s12)
+    both = abs(s12) + root
+    v2 = both - half
+    v1 = math.copysign(both + half, s12)
+    u1 = m11 * v1 + m12 * v2
+    u2 = m21 * v1 + m22 * v2
+    t_q = u1 * s_q + u2 * nc_q
+    t_r = v1 * s_r + v2 * nc_r
+    value = -np.inf
+    if min(min(u2, v2), min(t_q, t_r)) > 0:
+        value = math.sqrt(max(s22 + root + half, 0.0))
+    return value, u1, u2, v1, v2
+
+
+@njit(inline="always")
+def _segment_interior(g13, g14, g23, g24, q, r, eps):
+    """Minus the squared distance at the interior stationary point of two
+    segments when it lies strictly inside (else -inf); ``q``, ``r``: the
+    pairs' :func:`_pair_info`."""
+    g11, g12, a, tiny_q = q[0], q[1], q[3], q[5]
+    g33, g34, c, tiny_r = r[0], r[1], r[3], r[5]
+    b = ((g24 - g23) - g14) + g13
+    d = (g13 - g23) + (g12 - g11)
+    e = (g14 - g13) + (g33 - g34)
+    ac = a * c
+    det = ac - b * b
+    if not det > 64.0 * eps * ac + tiny_q * tiny_r:
+        return -np.inf
+    s = (b * e - c * d) / det
+    t = (a * e - b * d) / det
+    if min(s, t) > 0 and max(s, t) < 1:
+        return -((g11 + g33) - 2.0 * g13 + d * s - e * t)
+    return -np.inf
+
+
+# -- search ----------------------------------------------------------------------
+@njit(parallel=True, **_OPTS)
+def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, labels_q, labels_r, pair_labels_r,
+           cls_r, order_q, sample_start, pair_start, work, slab, best, combo):
+    """The best score and combination of every negative entry (i, j) into
+    ``best``, ``combo`` ``(n_q, n_r)``; other entries get the corner (i, j)
+    and combination 0.
+
+    ``order_q``: query samples sorted by class, class c's being
+    ``order_q[sample_start[c]:sample_start[c + 1]]``; its pairs are
+    ``pair_start[c]:pair_start[c + 1]`` of ``ends_q``. ``cls_r``: one set
+    only, each sample's class number. ``work``: the order in which classes
+    are handed out (balanced halves for one set). ``slab``: a class's pairs
+    searched at once.
+    """
+    n_q, n_r = best.shape
+    k_q, k_r = ends_q.shape[0], ends_r.shape[0]
+    eps = np.finfo(g_qr.dtype).eps
+    info_q = np.zeros((k_q, 6), g_qr.dtype)
+    info_r = info_q if one_set else np.zeros((k_r, 6), g_qr.dtype)
+    _pair_info(g_qq, ends_q, geom, info_q)
+    if not one_set:
+        _pair_info(g_rr, ends_r, geom, info_r)
+    for w in prange(len(work)):
+        c = work[w]
+        samples = order_q[sample_start[c]:sample_start[c + 1]]
+        label = labels_q[samples[0]]
+        b0 = pair_start[c + 1] if one_set else 0  # one set: pairs of later classes only
+        nb = k_r - b0
+        # Entries of this class: corners, until a combination beats them.
+        for i in samples:
+            for j in range(n_r):
+                if geom == SEGMENT:
+                    best[i, j] = 2.0 * g_qr[i, j] - g_qq[i, i] - g_rr[j, j]
+                else:
+                    best[i, j] = g_qr[i, j]
+                combo[i, j] = 0
+        if nb <= 0:
+            continue
+        # The class's samples against every reference pair, (samples, pairs, 3),
+        # when that is no larger than a slab's values; else found per combination.
+        use_table = len(samples) <= slab
+        row_of = np.zeros(n_q, np.int64)  # sample -> its row in the table
+        table = np.empty((len(samples) if use_table else 1, nb if use_table else 1, 3), g_qr.dtype)
+        if use_table:
+            for r in range(len(samples)):
+                x = samples[r]
+                row_of[x] = r
+                for b in range(nb):
+                    x3, x4 = ends_r[b0 + b, 0], ends_r[b0 + b, 1]
+                    table[r, b, 0], table[r, b, 1], table[r, b, 2] = _end_score(
+                        geom, g_qr[x, x3], g_qr[x, x4], g_qq[x, x], info_r[b0 + b])
+        first = True
+        for p0 in range(pair_start[c], pair_start[c + 1], slab):
+            p1 = min(p0 + slab, pair_start[c + 1])
+            # Reference samples against the slab's pairs (best end only).
+            ends_vs = np.empty((p1 - p0, n_r), g_qr.dtype)
+            for a in range(p0, p1):
+                x1, x2 = ends_q[a, 0], ends_q[a, 1]
+                for y in range(n_r):
+                    if one_set and cls_r[y] <= c:
+                        continue
+                    ends_vs[a - p0, y] = _end_score(geom, g_qr[x1, y], g_qr[x2, y], g_rr[y, y], info_q[a])[2]
+            values = np.empty((p1 - p0, nb), g_qr.dtype)
+            for a in range(p0, p1):
+                x1, x2 = ends_q[a, 0], ends_q[a, 1]
+                t1, t2 = table[row_of[x1]], table[row_of[x2]]
+                iq = info_q[a]
+                for b in range(nb):
+                    ir = info_r[b0 + b]
+                    if not one_set and pair_labels_r[b0 + b] == label:
+                        values[a - p0, b] = -np.inf
+                        continue
+                    x3, x4 = ends_r[b0 + b, 0], ends_r[b0 + b, 1]
+                    if use_table:
+                        f13, f14, e1 = t1[b, 0], t1[b, 1], t1[b, 2]
+                        f23, f24, e2 = t2[b, 0], t2[b, 1], t2[b, 2]
+                    else:
+                        f13, f14, e1 = _end_score(geom, g_qr[x1, x3], g_qr[x1, x4], g_qq[x1, x1], ir)
+                        f23, f24, e2 = _end_score(geom, g_qr[x2, x3], g_qr[x2, x4], g_qq[x2, x2], ir)
+                    v = max(max(e1, e2), max(ends_vs[a - p0, x3], ends_vs[a - p0, x4]))
+                    if geom == ARC:  # f14, f24: x1, x2 on the second arc's e2
+                        m21 = (f23 + f13 * iq[0]) * iq[2]
+                        m22 = (f24 + f14 * iq[0]) * iq[2]
+                        v = max(v, _arc_interior(f13, f14, m21, m22, iq[1], iq[0], ir[1], ir[0])[0])
+                    elif geom == SEGMENT:
+                        v = max(v, _segment_interior(f13, f14, f23, f24, iq, ir, eps))
+                    values[a - p0, b] = v
+            # Per entry, the best combination of the slab (kept where better).
+            for i in samples:
+                for j in range(n_r):
+                    if (cls_r[j] <= c) if one_set else (labels_r[j] == label):
+                        continue
+                    bv = -np.inf if first else best[i, j]
+                    bc = combo[i, j]
+                    for u in range(owned_q.shape[1]):
+                        a = owned_q[i, u]
+                        if a < p0 or a >= p1:
+                            continue
+                        for t in range(owned_r.shape[1]):
+                            b = owned_r[j, t]
+                            v = values[a - p0, b - b0]
+                            if v > bv:
+                                bv, bc = v, a * k_r + b
+                    best[i, j], combo[i, j] = bv, bc
+            first = False
+    if one_set:  # entry (j, i) is entry (i, j) with its pairs swapped: the same combination
+        for i in prange(n_q):
+            for j in range(n_q):
+                if cls_r[j] < cls_r[i]:
+                    best[i, j], combo[i, j] = best[j, i], combo[j, i]
+
+
+# -- gradient ----------------------------------------------------------------------
+@njit(inline="always")
+def _arc_weights(w1, w2, c, nc, inv):
+    """Unit-point weights (on x_first, x_second) of the direction (w1, w2) in an
+    arc's orthonormal basis (x_first, e2)."""
+    along_x2 = w2 * inv
+    along_x1 = w1 + along_x2 * nc
+    norm_sq = along_x1 * along_x1 + along_x2 * along_x2 + 2.0 * along_x1 * along_x2 * c
+    scale = 1.0 / math.sqrt(norm_sq) if norm_sq > 0 else 0.0
+    return along_x1 * scale, along_x2 * scale
+
+
+@njit(inline="always")
+def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
+    """Partial derivatives of the largest cosine of two arcs (x1 -> x2, x3 ->
+    x4, unit ends) with respect to x3.x4, x1.x2, x1.x3, x1.x4, x2.x3, x2.x4, at
+    its optimum (Danskin): the nine candidates of ``grid.arc_entry_optimum``,
+    the first best one."""
+    nc_r, nc_q = -c34, -c12
+    det_r, det_q = 1.0 - c34 * c34, 1.0 - c12 * c12
+    s_r = math.sqrt(det_r) if det_r > 1e3 * eps else 0.0
+    s_q = math.sqrt(det_q) if det_q > 1e3 * eps else 0.0
+    inv_r = s_r / max(det_r, tiny)
+    inv_q = s_q / max(det_q, tiny)
+    # The other pair's ends in each plane's basis.
+    y1 = (g14 + g13 * nc_r) * inv_r  # x1 on e2_r
+    y2 = (g24 + g23 * nc_r) * inv_r  # x2 on e2_r
+    y3 = (g23 + g13 * nc_q) * inv_q  # x3 on e2_q
+    y4 = (g24 + g14 * nc_q) * inv_q  # x4 on e2_q
+    cos = g13
+    which = 0
+    for k, v in enumerate((g14, g23, g24)):
+        if v > cos:
+            cos, which = v, k + 1
+    for k, (w1, w2, s, nc) in enumerate(((g13, y1, s_r, nc_r), (g23, y2, s_r, nc_r),
+                                         (g13, y3, s_q, nc_q), (g14, y4, s_q, nc_q))):
+        if min(w2, w1 * s + w2 * nc) > 0:
+            v = math.sqrt(w1 * w1 + w2 * w2)
+            if v > cos:
+                cos, which = v, 4 + k
+    m22 = (y2 + y1 * nc_q) * inv_q
+    sigma, u1, u2, v1, v2 = _arc_interior(g13, y1, y3, m22, s_q, nc_q, s_r, nc_r)
+    if sigma > cos:
+        cos, which = sigma, 8
+    # The optimal points: a1 x1 + a2 x2 on the first arc, b1 x3 + b2 x4 on the second.
+    a1, a2, b1, b2 = 1.0, 0.0, 1.0, 0.0
+    if which == 1 or which == 3:
+        b1, b2 = 0.0, 1.0
+    if which == 2 or which == 3 or which == 5:
+        a1, a2 = 0.0, 1.0
+    if which == 4:
+        b1, b2 = _arc_weights(g13, y1, c34, nc_r, inv_r)
+    elif which == 5:
+        b1, b2 = _arc_weights(g23, y2, c34, nc_r, inv_r)
+    elif which == 6:
+        a1, a2 = _arc_weights(g13, y3, c12, nc_q, inv_q)
+    elif which == 7:
+        a1, a2 = _arc_weights(g14, y4, c12, nc_q, inv_q)
+        b1, b2 = 0.0, 1.0
+    elif which == 8:
+        a1, a2 = _arc_weights(u1, u2, c12, nc_q, inv_q)
+        b1, b2 = _arc_weights(v1, v2, c34, nc_r, inv_r)
+    if cos > 1:  # clamped in the forward: no gradient, as through a clamp
+        return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    return -cos * b1 * b2, -cos * a1 * a2, a1 * b1, a1 * b2, a2 * b1, a2 * b2
+
+
+@njit(inline="always")
+def _ratio(num, den, tiny):
+    return num / den if den > tiny else 0.0
+
+
+@njit(inline="always")
+def _segment_weights(g11, g12, g22, g33, g34, g44, g13, g14, g23, g24, eps):
+    """Optimal (s, t) of two segments: the best of the four clamped edges and
+    the interior point (``segments.segment_candidates``), first of equals."""
+    a = g22 - 2.0 * g12 + g11
+    c = g44 - 2.0 * g34 + g33
+    b = g24 - g23 - g14 + g13
+    d = g12 - g23 - g11 + g13
+    e = g14 - g34 - g13 + g33
+    f = g11 - 2.0 * g13 + g33
+    tiny = eps * (abs(g11 + g22 + g33 + g44) + 1.0)
+    best_s, best_t, best = 0.0, 0.0, np.inf
+    for k in range(5):
+        if k == 0:
+            s, t = 0.0, min(max(_ratio(e, c, tiny), 0.0), 1.0)
+        elif k == 1:
+            s, t = 1.0, min(max(_ratio(e + b, c, tiny), 0.0), 1.0)
+        elif k == 2:
+            s, t = min(max(_ratio(-d, a, tiny), 0.0), 1.0), 0.0
+        elif k == 3:
+            s, t = min(max(_ratio(b - d, a, tiny), 0.0), 1.0), 1.0
+        else:
+            det = a * c - b * b
+            if not det > 64.0 * eps * (a * c) + tiny * tiny:
+                break
+            s, t = (b * e - c * d) / det, (a * e - b * d) / det
+            if not (0 <= s <= 1 and 0 <= t <= 1):
+                break
+        sq = a * s * s + c * t * t - 2.0 * b * s * t + 2.0 * d * s - 2.0 * e * t + f
+        if sq < best:
+            best_s, best_t, best = s, t, sq
+    return best_s, best_t
+
+
+@njit(**_OPTS)
+def _add_partials(geom, x1, x2, x3, x4, g, gqq, grr, gqr, dqq, dqr, own_r, b, eps, tiny):
+    """Add ``g`` times the partials of combination (x1, x2 | x3, x4)'s optimum
+    to ``dqq`` (x1.x2 etc.) and ``dqr`` (rows x1, x2); the second pair's own
+    partials (x3.x3, x3.x4, x4.x4) to ``own_r[:, b]``."""
+    g13, g14, g23, g24 = gqr[x1, x3], gqr[x1, x4], gqr[x2, x3], gqr[x2, x4]
+    if geom == ARC:
+        p34, p12, p13, p14, p23, p24 = _arc_partials(grr[x3, x4], gqq[x1, x2], g13, g14, g23, g24, eps, tiny)
+        dqq[x1, x2] += g * p12
+        own_r[1, b] += g * p34
+    elif geom == SEGMENT:
+        g11, g12, g22 = gqq[x1, x1], gqq[x1, x2], gqq[x2, x2]
+        g33, g34, g44 = grr[x3, x3], grr[x3, x4], grr[x4, x4]
+        s, t = _segment_weights(g11, g12, g22, g33, g34, g44, g13, g14, g23, g24, eps)
+        a1, a2, b1, b2 = 1.0 - s, s, 1.0 - t, t
+        raw = (a1 * a1 * g11 + 2.0 * a1 * a2 * g12 + a2 * a2 * g22 + b1 * b1 * g33 + 2.0 * b1 * b2 * g34
+               + b2 * b2 * g44 - 2.0 * (a1 * b1 * g13 + a1 * b2 * g14 + a2 * b1 * g23 + a2 * b2 * g24))
+        if raw < 0:  # clamped at 0 in the forward
+            return
+        dqq[x1, x1] += g * a1 * a1
+        dqq[x1, x2] += g * 2.0 * a1 * a2
+        dqq[x2, x2] += g * a2 * a2
+        own_r[0, b] += g * b1 * b1
+        own_r[1, b] += g * 2.0 * b1 * b2
+        own_r[2, b] += g * b2 * b2
+        p13, p14, p23, p24 = -2.0 * a1 * b1, -2.0 * a1 * b2, -2.0 * a2 * b1, -2.0 * a2 * b2
+    else:
+        best = max(max(g13, g14), max(g23, g24))
+        p13 = 1.0 if g13 == best else 0.0
+        p14 = 1.0 if p13 == 0 and g14 == best else 0.0
+        p23 = 1.0 if p13 + p14 == 0 and g23 == best else 0.0
+        p24 = 1.0 - p13 - p14 - p23
+    dqr[x1, x3] += g * p13
+    dqr[x1, x4] += g * p14
+    dqr[x2, x3] += g * p23
+    dqr[x2, x4] += g * p24
+
+
+@njit(parallel=True, **_OPTS)
+def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r, order_q, sample_start,
+             pair_start, work, slab, d_qr, d_qq, own_r):
+    """Add the gradient of the winners' scores (``grad`` ``(n_q, n_r)``, zero off
+    the negative entries) to ``d_qr``, ``d_qq`` (the same array for one set)
+    and, per thread and reference pair, the second pairs' own partials to
+    ``own_r`` ``(threads, 3, k_r)``. Entries sharing a combination are summed
+    first (per class and ``slab`` of its pairs); one set: entry (i, j) and
+    (j, i) are one."""
+    n_q, n_r = grad.shape
+    k_r = ends_r.shape[0]
+    eps = np.finfo(g_qr.dtype).eps
+    tiny = np.finfo(g_qr.dtype).tiny
+    for w in prange(len(work)):
+        c = work[w]
+        samples = order_q[sample_start[c]:sample_start[c + 1]]
+        b0 = pair_start[c + 1] if one_set else 0
+        nb = k_r - b0
+        if nb <= 0:
+            continue
+        mine = own_r[numba.get_thread_id()]
+        for p0 in range(pair_start[c], pair_start[c + 1], slab):
+            p1 = min(p0 + slab, pair_start[c + 1])
+            summed = np.zeros((p1 - p0, nb), g_qr.dtype)
+            for i in samples:
+                for j in range(n_r):
+                    if one_set and cls_r[j] <= c:
+                        continue
+                    g = grad[i, j] + grad[j, i] if one_set else grad[i, j]
+                    if g == 0:
+                        continue
+                    k = combo[i, j]
+                    a = k // k_r
+                    if p0 <= a < p1:
+                        summed[a - p0, k - a * k_r - b0] += g
+            for a in range(p0, p1):
+                x1, x2 = ends_q[a, 0], ends_q[a, 1]
+                for b in range(nb):
+                    g = summed[a - p0, b]
+                    if g != 0:
+                        _add_partials(geom, x1, x2, ends_r[b0 + b, 0], ends_r[b0 + b, 1], g, g_qq, g_rr, g_qr,
+                                      d_qq, d_qr, mine, b0 + b, eps, tiny)
+
+
+def set_threads(n: int) -> None:
+    """Run the kernels' parallel loops on ``n`` threads (at most numba's pool)."""
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
