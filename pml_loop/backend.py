@@ -140,6 +140,8 @@ def search(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: st
              layout.owned_q, layout.owned_r, layout.labels_q, layout.labels_r, layout.pair_labels_r, layout.cls_r,
              layout.order_q, layout.sample_start, layout.pair_start, layout.work,
              _slab(chunk_elements, len(layout.ends_r)), best, combo)
+    if layout.one_set:
+        k.mirror(best, combo, layout.cls_r)
     return torch.from_numpy(best), torch.from_numpy(combo)
 
 
@@ -157,7 +159,8 @@ def gradient(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: 
     k.gradient(g_qr, g_qq, g_rr, k.GEOMETRY_CODES[geometry], layout.one_set, layout.ends_q, layout.ends_r,
                combo.numpy(), _gram(grad), layout.cls_r, layout.order_q, layout.sample_start, layout.pair_start,
                layout.work, _slab(chunk_elements, len(layout.ends_r)), d_qr, d_qq, own)
-    # The second pairs' own partials, gathered per thread, land on their ends.
+    # The second pairs' own partials (rows of another class), gathered per
+    # thread, land on their ends.
     own = own.sum(0)
     d_rr = d_qr if layout.one_set else np.zeros_like(g_rr)
     x3, x4 = layout.ends_r[:, 0], layout.ends_r[:, 1]

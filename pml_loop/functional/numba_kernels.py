@@ -7,16 +7,18 @@ operations, a compiled loop does the arithmetic of a combination in
 registers. Imported only when the numba backend is used (``pip install
 pml-loop[numba]``).
 
-Work is organised by the query side's classes, one class per task of the
-parallel loop: a class's samples and pairs are a row band of every output,
-so no two tasks write one place. For each class and each reference pair the
+Work is organised by the query side's classes, one class per iteration of
+a parallel loop: a class's samples and pairs are a row band of every
+output, so no two iterations write one place. (Python threads over parts of
+the classes compile in half the time, but ran 1.2 - 1.5 times slower than
+the parallel loops on two cores.) For each class and each reference pair the
 kernels compute, as :mod:`.grid` does, each end's best corner or edge against
 the other side's pair once per (sample, pair), then each combination's
 interior candidate, and keep per entry the best combination. Within one set
-a task handles only the entries (i, j) with j's class after i's (a
-combination and its mirror image are one), and a last pass mirrors them.
+a class handles only the entries (i, j) with j's class after i's (a
+combination and its mirror image are one), and :func:`mirror` copies them.
 
-Memory: per task a few tables of (class samples or pairs) x (reference pairs
+Memory: per class a few tables of (class samples or pairs) x (reference pairs
 or samples), with a class's pairs taken ``slab`` at a time, plus the outputs.
 
 Conventions: ``geom`` 0 arcs (score: the cosine), 1 segments (minus the
@@ -27,8 +29,8 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
+import numba
 from numba import njit, prange
 
 ARC, SEGMENT, DOT = 0, 1, 2
@@ -64,7 +66,7 @@ def _pair_info(g_own, ends, geom, out):
             out[k, 3], out[k, 4], out[k, 5] = length, (1.0 / length if length > small else 0.0), small
 
 
-@njit(inline="always")
+@njit
 def _arc_end(g3, g4, nc, s, inv):
     """A unit point against an arc (its inner products g3, g4 with the ends):
     its coordinate on the arc's e2 and its best corner or edge cosine."""
@@ -75,7 +77,7 @@ def _arc_end(g3, g4, nc, s, inv):
     return y, best
 
 
-@njit(inline="always")
+@njit
 def _point_segment(yy, y0, y1, n0, k, length, inv):
     """Squared distance of a point to a segment z0 -> z1 (see ``grid._point_segment``)."""
     along = (y1 - y0) + k
@@ -83,20 +85,22 @@ def _point_segment(yy, y0, y1, n0, k, length, inv):
     return yy - 2.0 * y0 + n0 - 2.0 * t * (along - 0.5 * t * length)
 
 
-@njit(inline="always")
-def _end_score(geom, g3, g4, yy, info):
+@njit
+def _end_score(geom, g3, g4, yy, info, k):
     """A point (inner products g3, g4 with a pair's ends, yy with itself)
-    against a pair (``info``, see :func:`_pair_info`): the first two table
-    fields and its best corner or edge score."""
+    against pair ``k`` (``info``, see :func:`_pair_info`): the first two
+    table fields and its best corner or edge score. (Rows are read by index:
+    a row view in an inner loop costs a reference count, which threads
+    working at once contend for.)"""
     if geom == ARC:
-        y, best = _arc_end(g3, g4, info[0], info[1], info[2])
+        y, best = _arc_end(g3, g4, info[k, 0], info[k, 1], info[k, 2])
         return g3, y, best
     if geom == SEGMENT:
-        return g3, g4, -_point_segment(yy, g3, g4, info[0], info[0] - info[1], info[3], info[4])
+        return g3, g4, -_point_segment(yy, g3, g4, info[k, 0], info[k, 0] - info[k, 1], info[k, 3], info[k, 4])
     return g3, g4, max(g3, g4)
 
 
-@njit(inline="always")
+@njit
 def _arc_interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r):
     """Top singular value of the 2 x 2 cross matrix of two arcs' planes when its
     singular vectors lie strictly inside both arcs (else -inf), and the
@@ -119,13 +123,13 @@ def _arc_interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r):
     return value, u1, u2, v1, v2
 
 
-@njit(inline="always")
-def _segment_interior(g13, g14, g23, g24, q, r, eps):
+@njit
+def _segment_interior(g13, g14, g23, g24, info_q, first, info_r, second, eps):
     """Minus the squared distance at the interior stationary point of two
-    segments when it lies strictly inside (else -inf); ``q``, ``r``: the
-    pairs' :func:`_pair_info`."""
-    g11, g12, a, tiny_q = q[0], q[1], q[3], q[5]
-    g33, g34, c, tiny_r = r[0], r[1], r[3], r[5]
+    segments when it lies strictly inside (else -inf); pairs ``first`` and
+    ``second`` of ``info_q``, ``info_r`` (see :func:`_pair_info`)."""
+    g11, g12, a, tiny_q = info_q[first, 0], info_q[first, 1], info_q[first, 3], info_q[first, 5]
+    g33, g34, c, tiny_r = info_r[second, 0], info_r[second, 1], info_r[second, 3], info_r[second, 5]
     b = ((g24 - g23) - g14) + g13
     d = (g13 - g23) + (g12 - g11)
     e = (g14 - g13) + (g33 - g34)
@@ -144,16 +148,16 @@ def _segment_interior(g13, g14, g23, g24, q, r, eps):
 @njit(parallel=True, **_OPTS)
 def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, labels_q, labels_r, pair_labels_r,
            cls_r, order_q, sample_start, pair_start, work, slab, best, combo):
-    """The best score and combination of every negative entry (i, j) into
-    ``best``, ``combo`` ``(n_q, n_r)``; other entries get the corner (i, j)
-    and combination 0.
+    """The best score and combination of the negative entries (i, j) of the
+    classes ``work`` into ``best``, ``combo`` ``(n_q, n_r)``; their other
+    entries get the corner (i, j) and combination 0. One set: only entries
+    whose j is of a later class (see :func:`mirror`).
 
     ``order_q``: query samples sorted by class, class c's being
     ``order_q[sample_start[c]:sample_start[c + 1]]``; its pairs are
     ``pair_start[c]:pair_start[c + 1]`` of ``ends_q``. ``cls_r``: one set
-    only, each sample's class number. ``work``: the order in which classes
-    are handed out (balanced halves for one set). ``slab``: a class's pairs
-    searched at once.
+    only, each sample's class number. ``slab``: a class's pairs searched at
+    once.
     """
     n_q, n_r = best.shape
     k_q, k_r = ends_q.shape[0], ends_r.shape[0]
@@ -191,7 +195,7 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
                 for b in range(nb):
                     x3, x4 = ends_r[b0 + b, 0], ends_r[b0 + b, 1]
                     table[r, b, 0], table[r, b, 1], table[r, b, 2] = _end_score(
-                        geom, g_qr[x, x3], g_qr[x, x4], g_qq[x, x], info_r[b0 + b])
+                        geom, g_qr[x, x3], g_qr[x, x4], g_qq[x, x], info_r, b0 + b)
         first = True
         for p0 in range(pair_start[c], pair_start[c + 1], slab):
             p1 = min(p0 + slab, pair_start[c + 1])
@@ -202,31 +206,31 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
                 for y in range(n_r):
                     if one_set and cls_r[y] <= c:
                         continue
-                    ends_vs[a - p0, y] = _end_score(geom, g_qr[x1, y], g_qr[x2, y], g_rr[y, y], info_q[a])[2]
+                    ends_vs[a - p0, y] = _end_score(geom, g_qr[x1, y], g_qr[x2, y], g_rr[y, y], info_q, a)[2]
             values = np.empty((p1 - p0, nb), g_qr.dtype)
             for a in range(p0, p1):
                 x1, x2 = ends_q[a, 0], ends_q[a, 1]
-                t1, t2 = table[row_of[x1]], table[row_of[x2]]
-                iq = info_q[a]
+                r1, r2 = row_of[x1], row_of[x2]
+                nc_q, s_q, inv_q = info_q[a, 0], info_q[a, 1], info_q[a, 2]
                 for b in range(nb):
-                    ir = info_r[b0 + b]
-                    if not one_set and pair_labels_r[b0 + b] == label:
+                    k = b0 + b
+                    if not one_set and pair_labels_r[k] == label:
                         values[a - p0, b] = -np.inf
                         continue
-                    x3, x4 = ends_r[b0 + b, 0], ends_r[b0 + b, 1]
+                    x3, x4 = ends_r[k, 0], ends_r[k, 1]
                     if use_table:
-                        f13, f14, e1 = t1[b, 0], t1[b, 1], t1[b, 2]
-                        f23, f24, e2 = t2[b, 0], t2[b, 1], t2[b, 2]
+                        f13, f14, e1 = table[r1, b, 0], table[r1, b, 1], table[r1, b, 2]
+                        f23, f24, e2 = table[r2, b, 0], table[r2, b, 1], table[r2, b, 2]
                     else:
-                        f13, f14, e1 = _end_score(geom, g_qr[x1, x3], g_qr[x1, x4], g_qq[x1, x1], ir)
-                        f23, f24, e2 = _end_score(geom, g_qr[x2, x3], g_qr[x2, x4], g_qq[x2, x2], ir)
+                        f13, f14, e1 = _end_score(geom, g_qr[x1, x3], g_qr[x1, x4], g_qq[x1, x1], info_r, k)
+                        f23, f24, e2 = _end_score(geom, g_qr[x2, x3], g_qr[x2, x4], g_qq[x2, x2], info_r, k)
                     v = max(max(e1, e2), max(ends_vs[a - p0, x3], ends_vs[a - p0, x4]))
                     if geom == ARC:  # f14, f24: x1, x2 on the second arc's e2
-                        m21 = (f23 + f13 * iq[0]) * iq[2]
-                        m22 = (f24 + f14 * iq[0]) * iq[2]
-                        v = max(v, _arc_interior(f13, f14, m21, m22, iq[1], iq[0], ir[1], ir[0])[0])
+                        m21 = (f23 + f13 * nc_q) * inv_q
+                        m22 = (f24 + f14 * nc_q) * inv_q
+                        v = max(v, _arc_interior(f13, f14, m21, m22, s_q, nc_q, info_r[k, 1], info_r[k, 0])[0])
                     elif geom == SEGMENT:
-                        v = max(v, _segment_interior(f13, f14, f23, f24, iq, ir, eps))
+                        v = max(v, _segment_interior(f13, f14, f23, f24, info_q, a, info_r, k, eps))
                     values[a - p0, b] = v
             # Per entry, the best combination of the slab (kept where better).
             for i in samples:
@@ -246,15 +250,21 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
                                 bv, bc = v, a * k_r + b
                     best[i, j], combo[i, j] = bv, bc
             first = False
-    if one_set:  # entry (j, i) is entry (i, j) with its pairs swapped: the same combination
-        for i in prange(n_q):
-            for j in range(n_q):
-                if cls_r[j] < cls_r[i]:
-                    best[i, j], combo[i, j] = best[j, i], combo[j, i]
+
+
+@njit(parallel=True, **_OPTS)
+def mirror(best, combo, cls):
+    """One set: entry (j, i) is entry (i, j) with its pairs swapped, the same
+    combination; copy the entries whose j is of an earlier class."""
+    n = best.shape[0]
+    for i in prange(n):
+        for j in range(n):
+            if cls[j] < cls[i]:
+                best[i, j], combo[i, j] = best[j, i], combo[j, i]
 
 
 # -- gradient ----------------------------------------------------------------------
-@njit(inline="always")
+@njit
 def _arc_weights(w1, w2, c, nc, inv):
     """Unit-point weights (on x_first, x_second) of the direction (w1, w2) in an
     arc's orthonormal basis (x_first, e2)."""
@@ -265,7 +275,7 @@ def _arc_weights(w1, w2, c, nc, inv):
     return along_x1 * scale, along_x2 * scale
 
 
-@njit(inline="always")
+@njit
 def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
     """Partial derivatives of the largest cosine of two arcs (x1 -> x2, x3 ->
     x4, unit ends) with respect to x3.x4, x1.x2, x1.x3, x1.x4, x2.x3, x2.x4, at
@@ -320,12 +330,12 @@ def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
     return -cos * b1 * b2, -cos * a1 * a2, a1 * b1, a1 * b2, a2 * b1, a2 * b2
 
 
-@njit(inline="always")
+@njit
 def _ratio(num, den, tiny):
     return num / den if den > tiny else 0.0
 
 
-@njit(inline="always")
+@njit
 def _segment_weights(g11, g12, g22, g33, g34, g44, g13, g14, g23, g24, eps):
     """Optimal (s, t) of two segments: the best of the four clamped edges and
     the interior point (``segments.segment_candidates``), first of equals."""
@@ -400,12 +410,12 @@ def _add_partials(geom, x1, x2, x3, x4, g, gqq, grr, gqr, dqq, dqr, own_r, b, ep
 @njit(parallel=True, **_OPTS)
 def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r, order_q, sample_start,
              pair_start, work, slab, d_qr, d_qq, own_r):
-    """Add the gradient of the winners' scores (``grad`` ``(n_q, n_r)``, zero off
-    the negative entries) to ``d_qr``, ``d_qq`` (the same array for one set)
-    and, per thread and reference pair, the second pairs' own partials to
-    ``own_r`` ``(threads, 3, k_r)``. Entries sharing a combination are summed
-    first (per class and ``slab`` of its pairs); one set: entry (i, j) and
-    (j, i) are one."""
+    """Add the gradient of the measures of the winners of the classes ``work``
+    (``grad`` ``(n_q, n_r)``, zero off the negative entries) to ``d_qr``,
+    ``d_qq`` (the same array for one set) and, per thread and reference pair,
+    the second pairs' own partials to ``own_r`` ``(threads, 3, k_r)``. Entries sharing a
+    combination are summed first (per class and ``slab`` of its pairs); one
+    set: entry (i, j) and (j, i) are one."""
     n_q, n_r = grad.shape
     k_r = ends_r.shape[0]
     eps = np.finfo(g_qr.dtype).eps
@@ -441,6 +451,7 @@ def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r
                                       d_qq, d_qr, mine, b0 + b, eps, tiny)
 
 
+
 def set_threads(n: int) -> None:
-    """Run the kernels' parallel loops on ``n`` threads (at most numba's pool)."""
+    """Run the parallel loops on ``n`` threads (at most numba's pool), as torch does."""
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
