@@ -1,9 +1,10 @@
 """How closely this build's LoOp losses and gradients agree with another build's.
 
     git worktree add /tmp/before <commit>
-    python benchmarks/agreement.py --against /tmp/before
+    python benchmarks/agreement.py --against /tmp/before   # this build (backend="torch") against another
+    python benchmarks/agreement.py --backends               # this build's numba backend against its torch one
 
-Runs the same cases through both builds in one process: four losses
+Runs the same cases through both in one process: four losses
 (multi-similarity, triplet, contrastive, NT-Xent), three distances (cosine:
 arcs; unnormalised Euclidean: segments; dot product), B = 36 - 400 with
 m = 2 - 8 per class, labels in class order and shuffled, and a reference set;
@@ -15,6 +16,7 @@ in rounding and still be right (the tests check against brute force).
 from __future__ import annotations
 
 import argparse
+import functools
 import warnings
 
 import torch
@@ -70,15 +72,21 @@ def cases() -> list[tuple]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--against", required=True, help="a checkout of the other build")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--against", help="a checkout of the other build")
+    which.add_argument("--backends", action="store_true", help="backend='numba' against backend='torch'")
     args = ap.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")  # e.g. "a batch with a single class" where the sizes make one
-    other = load_against(args.against)
+    if args.backends:
+        mine_cls, other = (functools.partial(LoOpLoss, backend=b) for b in ("numba", "torch"))
+    else:
+        from bench_loop import torch_path
+        mine_cls, other = torch_path(LoOpLoss), load_against(args.against)
     for dtype, selected in ((torch.float32, cases()), (torch.float64, cases()[::6])):
         equal, worst = 0, (0.0, None)
         for case in selected:
-            mine, theirs = run_case(LoOpLoss, case, dtype), run_case(other, case, dtype)
+            mine, theirs = run_case(mine_cls, case, dtype), run_case(other, case, dtype)
             equal += all(torch.equal(a, b) for a, b in zip(mine, theirs))
             for a, b in zip(mine, theirs):
                 rel = float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(dtype).tiny))

@@ -89,7 +89,7 @@ def search_child(warm: bool) -> None:
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(128, 512, generator=g, requires_grad=True)
     labels = torch.arange(32).repeat_interleave(4)
-    loss = LoOpLoss(losses.MultiSimilarityLoss())
+    loss = LoOpLoss(losses.MultiSimilarityLoss(), backend="torch")  # the torch search's temporaries
     search, seen = dist_mod.search_winners, []
 
     def counted(*a, **k):
