@@ -2,7 +2,7 @@
 
     python benchmarks/bench_loop.py            # every table (about a minute on 2 cores)
     python benchmarks/bench_loop.py --quick    # fewer repeats, smaller sweep
-    python benchmarks/bench_loop.py --only speed memory aten train parts profile
+    python benchmarks/bench_loop.py --only speed memory first aten train parts profile
     python benchmarks/bench_loop.py --only speed train --against /tmp/before   # two builds
 
 Nothing here is a test: it prints ratios measured in one run, the variants
@@ -15,6 +15,10 @@ that way.
 
 Run it on a quiet machine (on 2 cores another busy process distorts everything).
 
+The speed, aten, first, memory and train tables time LoOp on every backend
+installed (``backend="torch"`` and, with numba, ``backend="numba"``) side by
+side; parts and profile take the torch backend's passes apart.
+
 Tables:
 - speed: forward + backward, d = 512, LoOp / plain for TripletMarginLoss,
   MultiSimilarityLoss and ContrastiveLoss, for B = 128 .. 1024 (m = 4) and
@@ -22,12 +26,15 @@ Tables:
 - aten: ATen calls of one forward + backward, all of them and those that run
   a kernel (on a GPU, each one a launch), plain MultiSimilarityLoss and
   TripletMarginLoss against LoOp, eager and ``compile=True``;
+- first: a fresh process's import and first two LoOp steps on each backend
+  (numba with an empty and with a filled disk cache);
 - memory: peak resident memory above the inputs, forward + backward of
   MultiSimilarityLoss plain and LoOp-wrapped, B = 1024 and 4096, one fresh
-  process per case;
+  process per case, after a small first step (which loads what a first call
+  loads once);
 - train: one training step of the glyph CNN (batch 128, m = 4), plain and
   LoOp-wrapped TripletMarginLoss and MultiSimilarityLoss;
-- parts: wall-clock split of a LoOp forward + backward (B = 128): the search
+- parts: wall-clock split of a torch-backend LoOp forward + backward (B = 128): the search
   and gradient passes inside the step and alone (interleaved with the steps,
   and back to back), the wrapper's own cost, the search pass alone for
   B = 128, 512, 1024 and the gradient pass alone for the same and m = 2, 8
@@ -47,6 +54,7 @@ import functools
 import importlib
 import inspect
 import json
+import os
 import random
 import shutil
 import statistics
@@ -235,8 +243,12 @@ def _status_kb(field: str) -> int:
 def memory_child(case: str, b: int, threads: int) -> None:
     """One case per fresh process: the high-water mark only grows."""
     torch.set_num_threads(threads)
-    emb, labels = batch(b // 4, 4)
     loss = MEMORY_CASES[case]()
+    # One small step first: what the first call loads once (numba's compiled
+    # kernels, about 40 MB) is no part of the computation's peak.
+    small, small_labels = batch(4, 4)
+    loss(small, small_labels).backward()
+    emb, labels = batch(b // 4, 4)
     # Reset the high-water mark to the current resident size (Linux), so that
     # the peak of importing torch does not hide the computation's.
     with open("/proc/self/clear_refs", "w") as f:
@@ -262,6 +274,41 @@ def memory(quick: bool, threads: int) -> None:
               f", LoOp {backend} {loop['extra_peak_mb']:.0f} MB ({loop['seconds']:.2f} s, "
               f"{loop['extra_peak_mb'] / plain['extra_peak_mb']:.2f}x, finite gradients: {loop['finite']})"
               for backend, loop in zip(BACKENDS, loops)), flush=True)
+
+
+_FIRST_CALL = """
+import json, time
+t = time.perf_counter()
+import torch
+from pytorch_metric_learning import losses
+from pml_loop import LoOpLoss
+imported = time.perf_counter() - t
+torch.set_num_threads({threads})
+emb, labels = torch.randn(128, 512, requires_grad=True), torch.arange(32).repeat_interleave(4)
+loss = LoOpLoss(losses.MultiSimilarityLoss(), backend="{backend}")
+t = time.perf_counter()
+loss(emb, labels).backward()
+first = time.perf_counter() - t
+t = time.perf_counter()
+loss(emb, labels).backward()
+print(json.dumps(dict(imported=imported, first=first, second=time.perf_counter() - t)))
+"""
+
+
+def first_call(quick: bool, threads: int) -> None:
+    """What the first LoOp step of a process costs on each backend: numba
+    compiles its kernels at the first use on a machine (cold: an empty disk
+    cache) and loads them from its cache afterwards (warm)."""
+    print("\n## first call: a fresh process, import + first and second LoOpLoss(MultiSimilarityLoss) step, B = 128")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        runs = [("torch", "")] + [("numba", "cold cache"), ("numba", "warm cache")] * ("numba" in BACKENDS)
+        for backend, label in runs:
+            out = subprocess.run([sys.executable, "-c", _FIRST_CALL.format(threads=threads, backend=backend)],
+                                 capture_output=True, text=True, check=True, env=env)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"backend={backend}{', ' + label if label else ''}: import {r['imported']:.2f} s, first step "
+                  f"{r['first']:.2f} s, second {1e3 * r['second']:.1f} ms", flush=True)
 
 
 def train(quick: bool) -> None:
@@ -518,7 +565,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", nargs="*", default=["speed", "aten", "memory", "train", "parts", "profile"])
+    ap.add_argument("--only", nargs="*", default=["speed", "aten", "memory", "first", "train", "parts", "profile"])
     ap.add_argument("--against", metavar="CHECKOUT", help="also time this checkout's LoOpLoss (speed, train, parts)")
     ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -531,8 +578,8 @@ def main() -> None:
         AGAINST = load_against(args.against)
     print(f"torch {torch.__version__}, {args.threads} threads" + (f", against {args.against}" if args.against else ""))
     for part in args.only:
-        if part == "memory":
-            memory(args.quick, args.threads)
+        if part in ("memory", "first"):
+            {"memory": memory, "first": first_call}[part](args.quick, args.threads)
         else:
             {"speed": speed, "aten": aten, "train": train, "parts": parts, "profile": profile_table}[part](args.quick)
 

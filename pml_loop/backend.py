@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import warnings
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -111,11 +113,30 @@ def numba_layout(table_q: PairTable, table_r: PairTable, q_labels: Tensor, r_lab
         one_set)
 
 
+_announced = False
+
+
 def _kernels():
+    global _announced
     from .functional import numba_kernels
 
+    if not _announced:
+        _announced = True
+        if not kernels_cached(numba_kernels.search):
+            warnings.warn("pml_loop: numba compiles LoOp's kernels at their first use on this machine (about 10 s on "
+                          "2 cores, once; cached on disk afterwards); backend='torch' compiles nothing",
+                          UserWarning, stacklevel=5)
     numba_kernels.set_threads(torch.get_num_threads())
     return numba_kernels
+
+
+def kernels_cached(kernel) -> bool:
+    """Whether numba's disk cache holds compiled code of ``kernel`` (True when
+    that cannot be told: the check reads numba internals)."""
+    try:
+        return os.path.exists(kernel._cache._cache_file._index_path)
+    except Exception:
+        return True
 
 
 def _slab(chunk_elements: int, k_r: int) -> int:

@@ -6,6 +6,7 @@ compared with each other on larger and odder batches, and a backend that
 silently stood in for another fails.
 """
 import os
+import warnings
 
 import pytest
 import torch
@@ -115,6 +116,21 @@ def test_numba_runs_without_the_torch_passes(monkeypatch):
         m.setattr(backend_module, "search", refuse)
         m.setattr(backend_module, "gradient", refuse)
         LoOpLoss(losses.MultiSimilarityLoss(), backend="torch")(emb, labels).backward()
+
+
+@needs_numba
+def test_a_first_compilation_is_announced_once(monkeypatch):
+    monkeypatch.setattr(backend_module, "_announced", False)
+    monkeypatch.setattr(backend_module, "kernels_cached", lambda kernel: False)
+    emb, labels = torch.randn(12, 4), torch.arange(3).repeat_interleave(4)
+    with pytest.warns(UserWarning, match="compiles LoOp's kernels"):
+        LoOpDistance(backend="numba").loop_mat(emb, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LoOpDistance(backend="numba").loop_mat(emb, labels)
+    from pml_loop.functional import numba_kernels
+    monkeypatch.undo()
+    assert backend_module.kernels_cached(numba_kernels.search)  # compiled by now, found in the cache
 
 
 def test_numba_asked_for_but_missing_is_an_error_at_construction(monkeypatch):
