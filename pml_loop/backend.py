@@ -161,8 +161,6 @@ def search(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: st
              layout.owned_q, layout.owned_r, layout.labels_q, layout.labels_r, layout.pair_labels_r, layout.cls_r,
              layout.order_q, layout.sample_start, layout.pair_start, layout.work,
              _slab(chunk_elements, len(layout.ends_r)), best, combo)
-    if layout.one_set:
-        k.mirror(best, combo, layout.cls_r)
     return torch.from_numpy(best), torch.from_numpy(combo)
 
 

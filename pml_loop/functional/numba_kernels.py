@@ -16,7 +16,7 @@ kernels compute, as :mod:`.grid` does, each end's best corner or edge against
 the other side's pair once per (sample, pair), then each combination's
 interior candidate, and keep per entry the best combination. Within one set
 a class handles only the entries (i, j) with j's class after i's (a
-combination and its mirror image are one), and :func:`mirror` copies them.
+combination and its mirror image are one) and writes (j, i) with them.
 
 Memory: per class a few tables of (class samples or pairs) x (reference pairs
 or samples), with a class's pairs taken ``slab`` at a time, plus the outputs.
@@ -85,13 +85,14 @@ def _point_segment(yy, y0, y1, n0, k, length, inv):
     return yy - 2.0 * y0 + n0 - 2.0 * t * (along - 0.5 * t * length)
 
 
-@njit
+@njit(inline="always")
 def _end_score(geom, g3, g4, yy, info, k):
     """A point (inner products g3, g4 with a pair's ends, yy with itself)
     against pair ``k`` (``info``, see :func:`_pair_info`): the first two
-    table fields and its best corner or edge score. (Rows are read by index:
-    a row view in an inner loop costs a reference count, which threads
-    working at once contend for.)"""
+    table fields and its best corner or edge score. Inlined: a call, like a
+    row view, would count references to ``info``, which the threads of the
+    parallel loop contend for (the gradient kernel ran a quarter faster
+    without them)."""
     if geom == ARC:
         y, best = _arc_end(g3, g4, info[k, 0], info[k, 1], info[k, 2])
         return g3, y, best
@@ -123,7 +124,7 @@ def _arc_interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r):
     return value, u1, u2, v1, v2
 
 
-@njit
+@njit(inline="always")  # takes arrays: see _end_score
 def _segment_interior(g13, g14, g23, g24, info_q, first, info_r, second, eps):
     """Minus the squared distance at the interior stationary point of two
     segments when it lies strictly inside (else -inf); pairs ``first`` and
@@ -151,7 +152,7 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
     """The best score and combination of the negative entries (i, j) of the
     classes ``work`` into ``best``, ``combo`` ``(n_q, n_r)``; their other
     entries get the corner (i, j) and combination 0. One set: only entries
-    whose j is of a later class (see :func:`mirror`).
+    whose j is of a later class, and their mirror images (j, i).
 
     ``order_q``: query samples sorted by class, class c's being
     ``order_q[sample_start[c]:sample_start[c + 1]]``; its pairs are
@@ -173,9 +174,12 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
         label = labels_q[samples[0]]
         b0 = pair_start[c + 1] if one_set else 0  # one set: pairs of later classes only
         nb = k_r - b0
-        # Entries of this class: corners, until a combination beats them.
+        # Entries of this class: corners, until a combination beats them (one
+        # set: those with an earlier class are an earlier class's to write).
         for i in samples:
             for j in range(n_r):
+                if one_set and cls_r[j] < c:
+                    continue
                 if geom == SEGMENT:
                     best[i, j] = 2.0 * g_qr[i, j] - g_qq[i, i] - g_rr[j, j]
                 else:
@@ -249,18 +253,10 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
                             if v > bv:
                                 bv, bc = v, a * k_r + b
                     best[i, j], combo[i, j] = bv, bc
+                    if one_set:  # entry (j, i): its pairs swapped, the same combination
+                        best[j, i], combo[j, i] = bv, bc
             first = False
 
-
-@njit(parallel=True, **_OPTS)
-def mirror(best, combo, cls):
-    """One set: entry (j, i) is entry (i, j) with its pairs swapped, the same
-    combination; copy the entries whose j is of an earlier class."""
-    n = best.shape[0]
-    for i in prange(n):
-        for j in range(n):
-            if cls[j] < cls[i]:
-                best[i, j], combo[i, j] = best[j, i], combo[j, i]
 
 
 # -- gradient ----------------------------------------------------------------------
@@ -369,7 +365,7 @@ def _segment_weights(g11, g12, g22, g33, g34, g44, g13, g14, g23, g24, eps):
     return best_s, best_t
 
 
-@njit(**_OPTS)
+@njit(inline="always")  # takes arrays: see _end_score
 def _add_partials(geom, x1, x2, x3, x4, g, gqq, grr, gqr, dqq, dqr, own_r, b, eps, tiny):
     """Add ``g`` times the partials of combination (x1, x2 | x3, x4)'s optimum
     to ``dqq`` (x1.x2 etc.) and ``dqr`` (rows x1, x2); the second pair's own
