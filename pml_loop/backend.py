@@ -166,27 +166,18 @@ def search(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: st
 
 def gradient(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: str, combo: Tensor,
              grad: Tensor, chunk_elements: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(d_qr, d_qq, d_rr)``: the gradient of the winners' scores (``grad``,
+    """``(d_qr, d_qq, d_rr)``: the gradient of the winners' measures (``grad``,
     zero off the negative entries) to the Gram blocks; for one set all of it
     in ``d_qr`` (the others ``None``)."""
     k = _kernels()
     g_qr = _gram(qr)
     g_qq, g_rr = (g_qr, g_qr) if layout.one_set else (_gram(qq), _gram(rr))
     d_qr = np.zeros_like(g_qr)
-    d_qq = d_qr if layout.one_set else np.zeros_like(g_qq)
+    d_qq, d_rr = (d_qr, d_qr) if layout.one_set else (np.zeros_like(g_qq), np.zeros_like(g_rr))
     own = np.zeros((k.numba.config.NUMBA_NUM_THREADS, 3, len(layout.ends_r)), g_qr.dtype)
     k.gradient(g_qr, g_qq, g_rr, k.GEOMETRY_CODES[geometry], layout.one_set, layout.ends_q, layout.ends_r,
                combo.numpy(), _gram(grad), layout.cls_r, layout.order_q, layout.sample_start, layout.pair_start,
-               layout.work, _slab(chunk_elements, len(layout.ends_r)), d_qr, d_qq, own)
-    # The second pairs' own partials (rows of another class), gathered per
-    # thread, land on their ends.
-    own = own.sum(0)
-    d_rr = d_qr if layout.one_set else np.zeros_like(g_rr)
-    x3, x4 = layout.ends_r[:, 0], layout.ends_r[:, 1]
-    np.add.at(d_rr, (x3, x4), own[1])
-    if geometry == "segment":
-        np.add.at(d_rr, (x3, x3), own[0])
-        np.add.at(d_rr, (x4, x4), own[2])
+               layout.work, _slab(chunk_elements, len(layout.ends_r)), d_qr, d_qq, d_rr, own)
     if layout.one_set:
         return torch.from_numpy(d_qr), None, None
     return torch.from_numpy(d_qr), torch.from_numpy(d_qq), torch.from_numpy(d_rr)

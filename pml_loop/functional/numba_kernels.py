@@ -405,13 +405,14 @@ def _add_partials(geom, x1, x2, x3, x4, g, gqq, grr, gqr, dqq, dqr, own_r, b, ep
 
 @njit(parallel=True, **_OPTS)
 def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r, order_q, sample_start,
-             pair_start, work, slab, d_qr, d_qq, own_r):
+             pair_start, work, slab, d_qr, d_qq, d_rr, own_r):
     """Add the gradient of the measures of the winners of the classes ``work``
     (``grad`` ``(n_q, n_r)``, zero off the negative entries) to ``d_qr``,
-    ``d_qq`` (the same array for one set) and, per thread and reference pair,
-    the second pairs' own partials to ``own_r`` ``(threads, 3, k_r)``. Entries sharing a
+    ``d_qq`` and ``d_rr`` (one array for one set). Entries sharing a
     combination are summed first (per class and ``slab`` of its pairs); one
-    set: entry (i, j) and (j, i) are one."""
+    set: entry (i, j) and (j, i) are one. ``own_r`` ``(threads, 3, k_r)``,
+    zeros: the second pairs' own partials, gathered per thread (they belong
+    to rows of other classes) and added to ``d_rr`` at the end."""
     n_q, n_r = grad.shape
     k_r = ends_r.shape[0]
     eps = np.finfo(g_qr.dtype).eps
@@ -445,6 +446,13 @@ def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r
                     if g != 0:
                         _add_partials(geom, x1, x2, ends_r[b0 + b, 0], ends_r[b0 + b, 1], g, g_qq, g_rr, g_qr,
                                       d_qq, d_qr, mine, b0 + b, eps, tiny)
+    for t in range(own_r.shape[0]):
+        for b in range(k_r):
+            x3, x4 = ends_r[b, 0], ends_r[b, 1]
+            d_rr[x3, x4] += own_r[t, 1, b]
+            if geom == SEGMENT:
+                d_rr[x3, x3] += own_r[t, 0, b]
+                d_rr[x4, x4] += own_r[t, 2, b]
 
 
 
