@@ -18,6 +18,9 @@ Entry (i, j) is the optimum over the pairs owned by i (query side) and by j
    measure at those fixed weights are scattered to the Gram blocks
    (Danskin). An autograd function keeps only the winners.
 
+This is the torch backend; ``backend.py`` runs the same two passes as numba
+kernels (``functional/numba_kernels.py``) when the numba backend is chosen.
+
 Peak extra memory: about ``40 * chunk_elements`` values for the temporaries
 of one block, a table of at most ``16 * chunk_elements`` combinations, plus
 ``O(n_q * n_r)`` for the entries; see :func:`memory_bound_bytes`.

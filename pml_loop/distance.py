@@ -144,7 +144,7 @@ class LoOpDistance(BaseDistance):
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if chunk_elements is not None and int(chunk_elements) < 1:
             raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
-        check_backend(backend)
+        check_backend(backend)  # before anything is built
         super().__init__(
             normalize_embeddings=base.normalize_embeddings, p=base.p, power=base.power,
             is_inverted=base.is_inverted, **kwargs,
@@ -155,13 +155,13 @@ class LoOpDistance(BaseDistance):
         self.chunk_elements = None if chunk_elements is None else int(chunk_elements)
         self.compile = bool(compile)
         self.nonfinite = nonfinite
-        self.backend: Backend = backend
         #: The backend of the last search: "torch" or "numba".
         self.last_backend: str | None = None
         self._binding: _Binding | None = None
         self._share_depth = 0
         self._shared: _Search | None = None
         self._structure_cache = None
+        self.backend = backend
         self._dtypes: dict[tuple, torch.dtype] = {}  # see _output_dtype
         self._warned: set[str] = set()
         # How much LoOp moved the negatives, for record-keeper; kept as tensors
@@ -170,6 +170,16 @@ class LoOpDistance(BaseDistance):
         self.add_to_recordable_attributes(
             list_of_names=["num_negative_entries", "avg_base_minus_loop"], is_stat=False
         )
+
+    @property
+    def backend(self) -> Backend:
+        return self.__dict__.get("_backend", "torch")  # objects pickled before backends ran on torch
+
+    @backend.setter
+    def backend(self, value: Backend) -> None:
+        check_backend(value)
+        self.__dict__["_backend"] = value
+        self._structure_cache = None  # its layout is the backend's
 
     def follow(self, distance: BaseDistance) -> None:
         """Wrap ``distance`` (a loss's current distance), re-reading its settings,
@@ -404,7 +414,7 @@ class LoOpDistance(BaseDistance):
         device = table_q.ends.device
         plan = search_plan(table_q, table_r, self._chunk(device))
         layout = None
-        if has_negatives and resolve_backend(getattr(self, "backend", "torch"), device, self.compile) == "numba":
+        if has_negatives and resolve_backend(self.backend, device, self.compile) == "numba":
             layout = numba_layout(table_q, table_r, q_labels, r_labels)
         return _Structure(table_q, table_r, plan, has_negatives, layout)
 

@@ -158,9 +158,7 @@ class LoOpLoss(BaseMetricLossFunction):
         theirs.follow(theirs.base)
         conflicts = [f"{k}: loss {a!r}, miner {b!r}" for k, a, b in (
             ("distance", _describe(own.base), _describe(theirs.base)),
-            ("partners", own.partners, theirs.partners),
-            # (objects pickled before backends existed ran on torch)
-            ("backend", getattr(own, "backend", "torch"), getattr(theirs, "backend", "torch")))
+            ("partners", own.partners, theirs.partners), ("backend", own.backend, theirs.backend))
             if a != b]
         if conflicts:
             raise ValueError("the LoOpMiner and the loss must measure alike to share a search; "

@@ -167,3 +167,16 @@ def test_ci_installs_every_backend():
     if os.environ.get("CI") != "true":
         pytest.skip("checked in CI")
     assert INSTALLED_BACKENDS == ("torch", "numba")
+
+
+def test_changing_the_backend_takes_effect_and_is_checked():
+    emb, labels = torch.randn(16, 8), torch.arange(4).repeat_interleave(4)
+    dist = LoOpDistance(backend="torch")
+    dist.loop_mat(emb, labels)
+    assert dist.last_backend == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dist.backend = "gpu"
+    if "numba" in INSTALLED_BACKENDS:
+        dist.backend = "numba"  # the cached batch structure is the old backend's: rebuilt
+        dist.loop_mat(emb, labels)
+        assert dist.last_backend == "numba"
