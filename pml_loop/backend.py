@@ -169,15 +169,23 @@ def gradient(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: 
     """``(d_qr, d_qq, d_rr)``: the gradient of the winners' measures (``grad``,
     zero off the negative entries) to the Gram blocks; for one set all of it
     in ``d_qr`` (the others ``None``)."""
-    k = _kernels()
     g_qr = _gram(qr)
     g_qq, g_rr = (g_qr, g_qr) if layout.one_set else (_gram(qq), _gram(rr))
     d_qr = np.zeros_like(g_qr)
     d_qq, d_rr = (d_qr, d_qr) if layout.one_set else (np.zeros_like(g_qq), np.zeros_like(g_rr))
+    grad = _gram(grad)
+    if not grad.any():  # e.g. every negative beyond a contrastive margin: nothing to derive
+        return _gradient_blocks(d_qr, d_qq, d_rr, layout.one_set)
+    k = _kernels()
     own = np.zeros((k.numba.config.NUMBA_NUM_THREADS, 3, len(layout.ends_r)), g_qr.dtype)
     k.gradient(g_qr, g_qq, g_rr, k.GEOMETRY_CODES[geometry], layout.one_set, layout.ends_q, layout.ends_r,
-               combo.numpy(), _gram(grad), layout.cls_r, layout.order_q, layout.sample_start, layout.pair_start,
+               combo.numpy(), grad, layout.cls_r, layout.order_q, layout.sample_start, layout.pair_start,
                layout.work, _slab(chunk_elements, len(layout.ends_r)), d_qr, d_qq, d_rr, own)
-    if layout.one_set:
+    return _gradient_blocks(d_qr, d_qq, d_rr, layout.one_set)
+
+
+def _gradient_blocks(d_qr: np.ndarray, d_qq: np.ndarray, d_rr: np.ndarray, one_set: bool
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    if one_set:
         return torch.from_numpy(d_qr), None, None
     return torch.from_numpy(d_qr), torch.from_numpy(d_qq), torch.from_numpy(d_rr)

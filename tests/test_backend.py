@@ -180,3 +180,19 @@ def test_changing_the_backend_takes_effect_and_is_checked():
         dist.backend = "numba"  # the cached batch structure is the old backend's: rebuilt
         dist.loop_mat(emb, labels)
         assert dist.last_backend == "numba"
+
+
+@needs_numba
+def test_backends_agree_when_no_negative_entry_has_a_gradient():
+    """Only positive entries weighted (as a contrastive loss whose negatives
+    all lie beyond its margin): the LoOp part of the gradient is zero."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(8).repeat_interleave(4)
+    emb = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    grads = []
+    for b in ("torch", "numba"):
+        e = emb.clone().requires_grad_(True)
+        mat = LoOpDistance(backend=b).loop_mat(e, labels)
+        (mat * (labels[:, None] == labels[None, :])).sum().backward()
+        grads.append(e.grad)
+    assert grads[0].abs().sum() > 0 and _close(*grads, 1e-12)

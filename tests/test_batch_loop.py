@@ -239,3 +239,12 @@ def test_blocked_search_combinations_agree_with_their_values(base):
         mat.sum().backward()
         grads.append(e.grad)
     assert torch.allclose(*grads, atol=1e-12)
+
+
+def test_partition_key_is_the_first_sample_of_each_class():
+    from pml_loop.pairs import partition_key
+    g = torch.Generator().manual_seed(13)
+    for labels in (torch.randint(-5, 40, (300,), generator=g), torch.tensor([7]), torch.tensor([3, 3, 3]),
+                   torch.arange(10).flip(0)):
+        expected = [next(k for k in range(len(labels)) if labels[k] == labels[i]) for i in range(len(labels))]
+        assert partition_key(labels).tolist() == expected
