@@ -123,7 +123,7 @@ def _kernels():
     if not _announced:
         _announced = True
         if not kernels_cached(numba_kernels.search):
-            warnings.warn("pml_loop: numba compiles LoOp's kernels at their first use on this machine (about 10 s on "
+            warnings.warn("pml_loop: numba compiles LoOp's kernels at their first use on this machine (10 - 15 s on "
                           "2 cores, once; cached on disk afterwards); backend='torch' compiles nothing",
                           UserWarning, stacklevel=5)
     numba_kernels.set_threads(torch.get_num_threads())
