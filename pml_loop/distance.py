@@ -97,8 +97,9 @@ class LoOpDistance(BaseDistance):
         chunk_elements: pair combinations (and entries) handled at once; the
             extra memory is at most ``batch_loop.memory_bound_bytes``. ``None``:
             2**18 on the CPU, 2**24 on a GPU (where fewer, larger kernels pay).
-        compile: run the search and gradient kernels through ``torch.compile``
-            (Triton on a GPU; ~20 s to compile once per process, eager fallback).
+        compile: run the torch backend's search and gradient kernels through
+            ``torch.compile`` (Triton on a GPU; ~20 s to compile once per
+            process, eager fallback).
         backend: ``"torch"`` (PyTorch operations, every device), ``"numba"``
             (compiled CPU loops, ``pip install pml-loop[numba]``; several
             times faster on the CPU) or ``"auto"`` (numba for CPU tensors when
