@@ -37,6 +37,10 @@ ARC, SEGMENT, DOT = 0, 1, 2
 GEOMETRY_CODES = {"arc": ARC, "segment": SEGMENT, "dot": DOT}
 
 _OPTS = dict(cache=True, nogil=True)
+#: Constants as float32: a Python float would make float32 arithmetic float64
+#: (slower square roots); float64 inputs promote them back, exactly.
+_ZERO, _HALF, _ONE, _TWO = np.float32(0.0), np.float32(0.5), np.float32(1.0), np.float32(2.0)
+_NEG_INF = np.float32(-np.inf)
 
 
 # -- per pair ------------------------------------------------------------------
@@ -81,8 +85,8 @@ def _arc_end(g3, g4, nc, s, inv):
 def _point_segment(yy, y0, y1, n0, k, length, inv):
     """Squared distance of a point to a segment z0 -> z1 (see ``grid._point_segment``)."""
     along = (y1 - y0) + k
-    t = min(max(along * inv, 0.0), 1.0)
-    return yy - 2.0 * y0 + n0 - 2.0 * t * (along - 0.5 * t * length)
+    t = min(max(along * inv, _ZERO), _ONE)
+    return yy - _TWO * y0 + n0 - _TWO * t * (along - _HALF * t * length)
 
 
 @njit(inline="always")
@@ -109,7 +113,7 @@ def _arc_interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r):
     s11 = m11 * m11 + m21 * m21
     s22 = m12 * m12 + m22 * m22
     s12 = m11 * m12 + m21 * m22
-    half = (s11 - s22) * 0.5
+    half = (s11 - s22) * _HALF
     root = math.sqrt(half * half + s12 * s12)
     both = abs(s12) + root
     v2 = both - half
@@ -118,9 +122,9 @@ def _arc_interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r):
     u2 = m21 * v1 + m22 * v2
     t_q = u1 * s_q + u2 * nc_q
     t_r = v1 * s_r + v2 * nc_r
-    value = -np.inf
+    value = _NEG_INF
     if min(min(u2, v2), min(t_q, t_r)) > 0:
-        value = math.sqrt(max(s22 + root + half, 0.0))
+        value = math.sqrt(max(s22 + root + half, _ZERO))
     return value, u1, u2, v1, v2
 
 
@@ -136,13 +140,13 @@ def _segment_interior(g13, g14, g23, g24, info_q, first, info_r, second, eps):
     e = (g14 - g13) + (g33 - g34)
     ac = a * c
     det = ac - b * b
-    if not det > 64.0 * eps * ac + tiny_q * tiny_r:
-        return -np.inf
+    if not det > 64 * eps * ac + tiny_q * tiny_r:
+        return _NEG_INF
     s = (b * e - c * d) / det
     t = (a * e - b * d) / det
     if min(s, t) > 0 and max(s, t) < 1:
-        return -((g11 + g33) - 2.0 * g13 + d * s - e * t)
-    return -np.inf
+        return -((g11 + g33) - _TWO * g13 + d * s - e * t)
+    return _NEG_INF
 
 
 # -- search ----------------------------------------------------------------------
@@ -266,8 +270,8 @@ def _arc_weights(w1, w2, c, nc, inv):
     arc's orthonormal basis (x_first, e2)."""
     along_x2 = w2 * inv
     along_x1 = w1 + along_x2 * nc
-    norm_sq = along_x1 * along_x1 + along_x2 * along_x2 + 2.0 * along_x1 * along_x2 * c
-    scale = 1.0 / math.sqrt(norm_sq) if norm_sq > 0 else 0.0
+    norm_sq = along_x1 * along_x1 + along_x2 * along_x2 + _TWO * along_x1 * along_x2 * c
+    scale = _ONE / math.sqrt(norm_sq) if norm_sq > 0 else _ZERO
     return along_x1 * scale, along_x2 * scale
 
 
@@ -278,9 +282,9 @@ def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
     its optimum (Danskin): the nine candidates of ``grid.arc_entry_optimum``,
     the first best one."""
     nc_r, nc_q = -c34, -c12
-    det_r, det_q = 1.0 - c34 * c34, 1.0 - c12 * c12
-    s_r = math.sqrt(det_r) if det_r > 1e3 * eps else 0.0
-    s_q = math.sqrt(det_q) if det_q > 1e3 * eps else 0.0
+    det_r, det_q = _ONE - c34 * c34, _ONE - c12 * c12
+    s_r = math.sqrt(det_r) if det_r > 1e3 * eps else _ZERO
+    s_q = math.sqrt(det_q) if det_q > 1e3 * eps else _ZERO
     inv_r = s_r / max(det_r, tiny)
     inv_q = s_q / max(det_q, tiny)
     # The other pair's ends in each plane's basis.
@@ -304,11 +308,11 @@ def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
     if sigma > cos:
         cos, which = sigma, 8
     # The optimal points: a1 x1 + a2 x2 on the first arc, b1 x3 + b2 x4 on the second.
-    a1, a2, b1, b2 = 1.0, 0.0, 1.0, 0.0
+    a1, a2, b1, b2 = _ONE, _ZERO, _ONE, _ZERO
     if which == 1 or which == 3:
-        b1, b2 = 0.0, 1.0
+        b1, b2 = _ZERO, _ONE
     if which == 2 or which == 3 or which == 5:
-        a1, a2 = 0.0, 1.0
+        a1, a2 = _ZERO, _ONE
     if which == 4:
         b1, b2 = _arc_weights(g13, y1, c34, nc_r, inv_r)
     elif which == 5:
@@ -317,7 +321,7 @@ def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
         a1, a2 = _arc_weights(g13, y3, c12, nc_q, inv_q)
     elif which == 7:
         a1, a2 = _arc_weights(g14, y4, c12, nc_q, inv_q)
-        b1, b2 = 0.0, 1.0
+        b1, b2 = _ZERO, _ONE
     elif which == 8:
         a1, a2 = _arc_weights(u1, u2, c12, nc_q, inv_q)
         b1, b2 = _arc_weights(v1, v2, c34, nc_r, inv_r)
