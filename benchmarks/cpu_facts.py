@@ -11,6 +11,8 @@ Prints (2 torch threads, fastest of many calls unless said otherwise):
 - what a Python number in a tensor operation costs (ATen calls and time,
   against a 0-dim tensor), and the ATen calls of unpacking a tensor and of
   ``reshape`` against ``view``;
+- the batch's partition key (computed at every LoOp call) by sorting, as on
+  the CPU, against the n x n comparison a GPU uses, for B = 128 - 4096;
 - page faults and time of the LoOp search inside a multi-similarity step, in
   a fresh process (small allocations only) and in one that has freed a 16 MB
   block first, as a training step with larger activations does (each case in
@@ -115,6 +117,20 @@ def page_faults() -> None:
               f"{r['ms']:.2f} ms (median of 35 steps)")
 
 
+def partition_keys() -> None:
+    from pml_loop.pairs import partition_key
+
+    def compared(labels):  # the GPU form, no host sync
+        return (labels[None, :] == labels[:, None]).to(torch.uint8).argmax(1)
+
+    for b in (128, 1024, 4096):
+        labels = torch.arange(b // 4).repeat_interleave(4)[torch.randperm(b, generator=torch.Generator().manual_seed(0))]
+        assert torch.equal(partition_key(labels), compared(labels))
+        calls = 50 if b > 1000 else 500
+        print(f"partition key, B = {b}: sorted {fastest(lambda: partition_key(labels), calls):.1f} us, "
+              f"n x n comparison {fastest(lambda: compared(labels), calls):.1f} us")
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--search-child":
         return search_child(bool(int(sys.argv[2])))
@@ -122,6 +138,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, 2 threads")
     layouts()
     dispatch()
+    partition_keys()
     page_faults()
 
 

@@ -344,9 +344,10 @@ class LoOpDistance(BaseDistance):
                 return base
             if st.layout is not None:
                 winners = numba_winners(g, st.layout, self.geometry, st.plan.combos, self._chunk(qn.device))
+                self.last_backend = "numba"
             else:
                 winners = search_winners(g, st.table_q, st.table_r, self.geometry, st.plan, self.compile)
-            self.last_backend = "torch" if st.layout is None else "numba"
+                self.last_backend = "torch"
             s = _Search(keys, st, winners)
             if self._share_depth > 0:
                 self._shared = s

@@ -115,9 +115,10 @@ def partition_key(labels: Tensor) -> Tensor:
 
     Two label vectors with the same key split positions into the same classes
     (e.g. consecutive m-per-class batches), so they share their pair table.
-    It is computed at every call (the cache check): on the CPU by sorting
-    (B = 1024: 33 us against 1.2 ms for the n x n comparison, 4096: 0.11
-    against 22 ms); on a GPU by the comparison, which needs no host sync.
+    It is computed at every call (the cache check): on the CPU by sorting,
+    far cheaper than the n x n comparison from B = 1024 on
+    (``benchmarks/cpu_facts.py``); on a GPU by the comparison, which needs no
+    host sync.
     """
     if labels.device.type != "cpu":
         return (labels[None, :] == labels[:, None]).to(torch.uint8).argmax(1)

@@ -10,8 +10,8 @@ pml-loop[numba]``).
 Work is organised by the query side's classes, one class per iteration of
 a parallel loop: a class's samples and pairs are a row band of every
 output, so no two iterations write one place. (Python threads over parts of
-the classes compile in half the time, but ran 1.2 - 1.5 times slower than
-the parallel loops on two cores.) For each class and each reference pair the
+the classes compile in half the time, but ran slower than the parallel
+loops on two cores.) For each class and each reference pair the
 kernels compute, as :mod:`.grid` does, each end's best corner or edge against
 the other side's pair once per (sample, pair), then each combination's
 interior candidate, and keep per entry the best combination. Within one set
@@ -95,8 +95,7 @@ def _end_score(geom, g3, g4, yy, info, k):
     against pair ``k`` (``info``, see :func:`_pair_info`): the first two
     table fields and its best corner or edge score. Inlined: a call, like a
     row view, would count references to ``info``, which the threads of the
-    parallel loop contend for (the gradient kernel ran a quarter faster
-    without them)."""
+    parallel loop contend for."""
     if geom == ARC:
         y, best = _arc_end(g3, g4, info[k, 0], info[k, 1], info[k, 2])
         return g3, y, best
