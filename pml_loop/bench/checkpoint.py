@@ -74,12 +74,14 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    # torch takes generator states only as CPU byte tensors; a checkpoint
+    # loaded with map_location="cuda" has moved them to the GPU.
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     c_f.NUMPY_RANDOM.set_state(state["pml_numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # -------------------------------------------------------------- object state
