@@ -9,7 +9,7 @@ figure; ``benchmarks/gpu_check.sh`` runs it after the CUDA-marked tests:
 ``--tiny`` (or GPU_CHECK_TINY=1): small sizes, for checking on a CPU that the
 script runs; without CUDA every section runs on the CPU with tiny sizes and
 the CUDA-only ones (host syncs, CUDA memory) say they are skipped.
-Budget on an H100/H200: 8 minutes, compilation included (sized for it, not yet timed on one).
+On an H200 it took 2 minutes, compilation included (with the CUDA tests, gpu_check.sh: 2.5).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU figure of this version in one run (sized for 8 minutes on an H100/H200;
-# not yet timed on one): the CUDA-marked tests, then benchmarks/gpu_check.py (CPU/GPU
-# agreement, host syncs, peak memory, speed eager and compile=True for
-# B = 128..4096, float16/bfloat16 autocast timings, a 1-epoch runner run with
-# mixed precision and faiss-gpu evaluation).
+# Every GPU figure of this version in one run (2.5 minutes on an H200): the
+# CUDA-marked tests, then benchmarks/gpu_check.py (CPU/GPU agreement, host
+# syncs, peak memory, speed eager and compile=True for B = 128..4096,
+# float16/bfloat16 autocast timings, a 1-epoch runner run with mixed
+# precision and faiss-gpu evaluation when faiss-gpu is installed).
 #
 #   benchmarks/gpu_check.sh 2>&1 | tee benchmarks/gpu_check_$(date +%Y%m%d).log
 #   benchmarks/gpu_check.sh --tiny      # or GPU_CHECK_TINY=1: tiny sizes, a check that it runs
