@@ -36,7 +36,9 @@ from numba import njit, prange
 ARC, SEGMENT, DOT = 0, 1, 2
 GEOMETRY_CODES = {"arc": ARC, "segment": SEGMENT, "dot": DOT}
 
-_OPTS = dict(cache=True, nogil=True)
+# error_model numpy: a float division by zero gives inf or nan, as in torch,
+# with no check that would keep a loop from vectorising.
+_OPTS = dict(cache=True, nogil=True, error_model="numpy")
 #: Constants as float32: a Python float would make float32 arithmetic float64
 #: (slower square roots); float64 inputs promote them back, exactly.
 _ZERO, _HALF, _ONE, _TWO = np.float32(0.0), np.float32(0.5), np.float32(1.0), np.float32(2.0)
@@ -70,15 +72,15 @@ def _pair_info(g_own, ends, geom, out):
             out[k, 3], out[k, 4], out[k, 5] = length, (1.0 / length if length > small else 0.0), small
 
 
-@njit
+@njit(inline="always")
 def _arc_end(g3, g4, nc, s, inv):
     """A unit point against an arc (its inner products g3, g4 with the ends):
-    its coordinate on the arc's e2 and its best corner or edge cosine."""
+    its coordinate on the arc's e2 and its best corner or edge cosine. A
+    select, not a branch, so that loops of it vectorise."""
     y = (g4 + g3 * nc) * inv
     best = max(g3, g4)
-    if min(y, g3 * s + y * nc) > 0:  # the projection lies strictly inside the arc
-        best = max(best, math.sqrt(g3 * g3 + y * y))
-    return y, best
+    edge = max(best, math.sqrt(g3 * g3 + y * y))
+    return y, edge if min(y, g3 * s + y * nc) > 0 else best  # the projection strictly inside the arc
 
 
 @njit
@@ -104,11 +106,12 @@ def _end_score(geom, g3, g4, yy, info, k):
     return g3, g4, max(g3, g4)
 
 
-@njit
+@njit(inline="always")
 def _arc_interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r):
     """Top singular value of the 2 x 2 cross matrix of two arcs' planes when its
     singular vectors lie strictly inside both arcs (else -inf), and the
-    vectors u (first arc), v (second) in the planes' bases (see ``grid._interior``)."""
+    vectors u (first arc), v (second) in the planes' bases (see ``grid._interior``).
+    Selects, not branches: loops of it vectorise."""
     s11 = m11 * m11 + m21 * m21
     s22 = m12 * m12 + m22 * m22
     s12 = m11 * m12 + m21 * m22
@@ -121,31 +124,59 @@ def _arc_interior(m11, m12, m21, m22, s_q, nc_q, s_r, nc_r):
     u2 = m21 * v1 + m22 * v2
     t_q = u1 * s_q + u2 * nc_q
     t_r = v1 * s_r + v2 * nc_r
-    value = _NEG_INF
-    if min(min(u2, v2), min(t_q, t_r)) > 0:
-        value = math.sqrt(max(s22 + root + half, _ZERO))
-    return value, u1, u2, v1, v2
+    value = math.sqrt(max(s22 + root + half, _ZERO))
+    return value if min(min(u2, v2), min(t_q, t_r)) > 0 else _NEG_INF, u1, u2, v1, v2
 
 
-@njit(inline="always")  # takes arrays: see _end_score
-def _segment_interior(g13, g14, g23, g24, info_q, first, info_r, second, eps):
+@njit(inline="always")
+def _segment_interior(g13, g14, g23, g24, g11, g12, a, tiny_q, g33, g34, c, tiny_r, eps):
     """Minus the squared distance at the interior stationary point of two
-    segments when it lies strictly inside (else -inf); pairs ``first`` and
-    ``second`` of ``info_q``, ``info_r`` (see :func:`_pair_info`)."""
-    g11, g12, a, tiny_q = info_q[first, 0], info_q[first, 1], info_q[first, 3], info_q[first, 5]
-    g33, g34, c, tiny_r = info_r[second, 0], info_r[second, 1], info_r[second, 3], info_r[second, 5]
+    segments when it lies strictly inside (else -inf), from the cross inner
+    products and each pair's fields (x1.x1, x1.x2, length, threshold: see
+    :func:`_pair_info`). Selects, not branches (a zero determinant divides
+    harmlessly: error_model numpy)."""
     b = ((g24 - g23) - g14) + g13
     d = (g13 - g23) + (g12 - g11)
     e = (g14 - g13) + (g33 - g34)
     ac = a * c
     det = ac - b * b
-    if not det > 64 * eps * ac + tiny_q * tiny_r:
-        return _NEG_INF
     s = (b * e - c * d) / det
     t = (a * e - b * d) / det
-    if min(s, t) > 0 and max(s, t) < 1:
-        return -((g11 + g33) - _TWO * g13 + d * s - e * t)
-    return _NEG_INF
+    inside = (det > 64 * eps * ac + tiny_q * tiny_r) & (min(s, t) > 0) & (max(s, t) < 1)
+    value = -((g11 + g33) - _TWO * g13 + d * s - e * t)
+    return value if inside else _NEG_INF
+
+
+@njit(inline="always")  # takes arrays: see _end_score
+def _table_values(geom, out, nearest, near, first, second, ends_col, info_col, info_q, a, b0, eps):
+    """One query pair ``a`` against the reference pairs ``b0:``, into ``out``:
+    its ends' table rows ``first``, ``second`` ``(3, nb)`` (see the search),
+    the reference ends' best score against pair ``a`` (``near``, per sample)
+    and the interior candidates. Contiguous columns and selects only (the
+    gathers of ``near`` done first, apart): LLVM vectorises these loops,
+    several times faster than the scalar loop over the same arithmetic."""
+    nb = out.shape[0]
+    for b in range(nb):
+        nearest[b] = max(near[ends_col[0, b0 + b]], near[ends_col[1, b0 + b]])
+    f13, f14, e1 = first[0], first[1], first[2]
+    f23, f24, e2 = second[0], second[1], second[2]
+    if geom == ARC:  # f14, f24: x1, x2 on the second arc's e2
+        nc_q, s_q, inv_q = info_q[a, 0], info_q[a, 1], info_q[a, 2]
+        for b in range(nb):
+            m21 = (f23[b] + f13[b] * nc_q) * inv_q
+            m22 = (f24[b] + f14[b] * nc_q) * inv_q
+            inner = _arc_interior(f13[b], f14[b], m21, m22, s_q, nc_q, info_col[1, b0 + b], info_col[0, b0 + b])[0]
+            out[b] = max(max(max(e1[b], e2[b]), nearest[b]), inner)
+    elif geom == SEGMENT:
+        g11, g12, len_q, tiny_q = info_q[a, 0], info_q[a, 1], info_q[a, 3], info_q[a, 5]
+        for b in range(nb):
+            k = b0 + b
+            inner = _segment_interior(f13[b], f14[b], f23[b], f24[b], g11, g12, len_q, tiny_q,
+                                            info_col[0, k], info_col[1, k], info_col[3, k], info_col[5, k], eps)
+            out[b] = max(max(max(e1[b], e2[b]), nearest[b]), inner)
+    else:
+        for b in range(nb):
+            out[b] = max(max(e1[b], e2[b]), nearest[b])
 
 
 # -- search ----------------------------------------------------------------------
@@ -171,6 +202,9 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
     _pair_info(g_qq, ends_q, geom, info_q)
     if not one_set:
         _pair_info(g_rr, ends_r, geom, info_r)
+    ends_col = np.ascontiguousarray(ends_r.T)  # fields as rows: contiguous along the pairs
+    diag_r = np.ascontiguousarray(np.diag(g_rr))
+    info_col = np.ascontiguousarray(info_r.T)
     for w in prange(len(work)):
         c = work[w]
         samples = order_q[sample_start[c]:sample_start[c + 1]]
@@ -190,54 +224,54 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
                 combo[i, j] = 0
         if nb <= 0:
             continue
-        # The class's samples against every reference pair, (samples, pairs, 3),
+        # The class's samples against every reference pair, (samples, 3 fields, pairs),
         # when that is no larger than a slab's values; else found per combination.
         use_table = len(samples) <= slab
         row_of = np.zeros(n_q, np.int64)  # sample -> its row in the table
-        table = np.empty((len(samples) if use_table else 1, nb if use_table else 1, 3), g_qr.dtype)
+        nearest = np.empty(nb, g_qr.dtype)
+        table = np.empty((len(samples) if use_table else 1, 3, nb if use_table else 1), g_qr.dtype)
         if use_table:
             for r in range(len(samples)):
                 x = samples[r]
                 row_of[x] = r
                 for b in range(nb):
                     x3, x4 = ends_r[b0 + b, 0], ends_r[b0 + b, 1]
-                    table[r, b, 0], table[r, b, 1], table[r, b, 2] = _end_score(
+                    table[r, 0, b], table[r, 1, b], table[r, 2, b] = _end_score(
                         geom, g_qr[x, x3], g_qr[x, x4], g_qq[x, x], info_r, b0 + b)
         first = True
         for p0 in range(pair_start[c], pair_start[c + 1], slab):
             p1 = min(p0 + slab, pair_start[c + 1])
             # Reference samples against the slab's pairs (best end only).
+            # (Every sample, also those never read: a loop without a test vectorises.)
             ends_vs = np.empty((p1 - p0, n_r), g_qr.dtype)
             for a in range(p0, p1):
-                x1, x2 = ends_q[a, 0], ends_q[a, 1]
+                row1, row2, out = g_qr[ends_q[a, 0]], g_qr[ends_q[a, 1]], ends_vs[a - p0]
                 for y in range(n_r):
-                    if one_set and cls_r[y] <= c:
-                        continue
-                    ends_vs[a - p0, y] = _end_score(geom, g_qr[x1, y], g_qr[x2, y], g_rr[y, y], info_q, a)[2]
+                    out[y] = _end_score(geom, row1[y], row2[y], diag_r[y], info_q, a)[2]
             values = np.empty((p1 - p0, nb), g_qr.dtype)
             for a in range(p0, p1):
                 x1, x2 = ends_q[a, 0], ends_q[a, 1]
-                r1, r2 = row_of[x1], row_of[x2]
+                if use_table:
+                    _table_values(geom, values[a - p0], nearest, ends_vs[a - p0], table[row_of[x1]],
+                                  table[row_of[x2]], ends_col, info_col, info_q, a, b0, eps)
+                    continue
                 nc_q, s_q, inv_q = info_q[a, 0], info_q[a, 1], info_q[a, 2]
                 for b in range(nb):
                     k = b0 + b
-                    if not one_set and pair_labels_r[k] == label:
+                    if not one_set and pair_labels_r[k] == label:  # never read: the entries are skipped below
                         values[a - p0, b] = -np.inf
                         continue
                     x3, x4 = ends_r[k, 0], ends_r[k, 1]
-                    if use_table:
-                        f13, f14, e1 = table[r1, b, 0], table[r1, b, 1], table[r1, b, 2]
-                        f23, f24, e2 = table[r2, b, 0], table[r2, b, 1], table[r2, b, 2]
-                    else:
-                        f13, f14, e1 = _end_score(geom, g_qr[x1, x3], g_qr[x1, x4], g_qq[x1, x1], info_r, k)
-                        f23, f24, e2 = _end_score(geom, g_qr[x2, x3], g_qr[x2, x4], g_qq[x2, x2], info_r, k)
+                    f13, f14, e1 = _end_score(geom, g_qr[x1, x3], g_qr[x1, x4], g_qq[x1, x1], info_r, k)
+                    f23, f24, e2 = _end_score(geom, g_qr[x2, x3], g_qr[x2, x4], g_qq[x2, x2], info_r, k)
                     v = max(max(e1, e2), max(ends_vs[a - p0, x3], ends_vs[a - p0, x4]))
                     if geom == ARC:  # f14, f24: x1, x2 on the second arc's e2
                         m21 = (f23 + f13 * nc_q) * inv_q
                         m22 = (f24 + f14 * nc_q) * inv_q
                         v = max(v, _arc_interior(f13, f14, m21, m22, s_q, nc_q, info_r[k, 1], info_r[k, 0])[0])
                     elif geom == SEGMENT:
-                        v = max(v, _segment_interior(f13, f14, f23, f24, info_q, a, info_r, k, eps))
+                        v = max(v, _segment_interior(f13, f14, f23, f24, info_q[a, 0], info_q[a, 1], info_q[a, 3], info_q[a, 5],
+                                                     info_r[k, 0], info_r[k, 1], info_r[k, 3], info_r[k, 5], eps))
                     values[a - p0, b] = v
             # Per entry, the best combination of the slab (kept where better).
             for i in samples:
@@ -263,23 +297,25 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
 
 
 # -- gradient ----------------------------------------------------------------------
-@njit
+@njit(inline="always")
 def _arc_weights(w1, w2, c, nc, inv):
     """Unit-point weights (on x_first, x_second) of the direction (w1, w2) in an
     arc's orthonormal basis (x_first, e2)."""
     along_x2 = w2 * inv
     along_x1 = w1 + along_x2 * nc
     norm_sq = along_x1 * along_x1 + along_x2 * along_x2 + _TWO * along_x1 * along_x2 * c
-    scale = _ONE / math.sqrt(norm_sq) if norm_sq > 0 else _ZERO
+    scale = _ONE / math.sqrt(norm_sq)
+    scale = scale if norm_sq > 0 else _ZERO
     return along_x1 * scale, along_x2 * scale
 
 
-@njit
+@njit(inline="always")
 def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
     """Partial derivatives of the largest cosine of two arcs (x1 -> x2, x3 ->
     x4, unit ends) with respect to x3.x4, x1.x2, x1.x3, x1.x4, x2.x3, x2.x4, at
     its optimum (Danskin): the nine candidates of ``grid.arc_entry_optimum``,
-    the first best one."""
+    the first best one. Every candidate is computed and the winner's taken
+    by selects (no branch): a loop of it vectorises."""
     nc_r, nc_q = -c34, -c12
     det_r, det_q = _ONE - c34 * c34, _ONE - c12 * c12
     s_r = math.sqrt(det_r) if det_r > 1e3 * eps else _ZERO
@@ -291,42 +327,46 @@ def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
     y2 = (g24 + g23 * nc_r) * inv_r  # x2 on e2_r
     y3 = (g23 + g13 * nc_q) * inv_q  # x3 on e2_q
     y4 = (g24 + g14 * nc_q) * inv_q  # x4 on e2_q
-    cos = g13
-    which = 0
-    for k, v in enumerate((g14, g23, g24)):
-        if v > cos:
-            cos, which = v, k + 1
-    for k, (w1, w2, s, nc) in enumerate(((g13, y1, s_r, nc_r), (g23, y2, s_r, nc_r),
-                                         (g13, y3, s_q, nc_q), (g14, y4, s_q, nc_q))):
-        if min(w2, w1 * s + w2 * nc) > 0:
-            v = math.sqrt(w1 * w1 + w2 * w2)
-            if v > cos:
-                cos, which = v, 4 + k
+    # Corners (which 0 - 3), edges (4 - 7), the interior (8); a later one wins only if larger.
+    cos, which = g13, 0
+    which = 1 if g14 > cos else which
+    cos = max(cos, g14)
+    which = 2 if g23 > cos else which
+    cos = max(cos, g23)
+    which = 3 if g24 > cos else which
+    cos = max(cos, g24)
+    e4 = math.sqrt(g13 * g13 + y1 * y1)
+    up = (min(y1, g13 * s_r + y1 * nc_r) > 0) & (e4 > cos)
+    which, cos = (4, e4) if up else (which, cos)
+    e5 = math.sqrt(g23 * g23 + y2 * y2)
+    up = (min(y2, g23 * s_r + y2 * nc_r) > 0) & (e5 > cos)
+    which, cos = (5, e5) if up else (which, cos)
+    e6 = math.sqrt(g13 * g13 + y3 * y3)
+    up = (min(y3, g13 * s_q + y3 * nc_q) > 0) & (e6 > cos)
+    which, cos = (6, e6) if up else (which, cos)
+    e7 = math.sqrt(g14 * g14 + y4 * y4)
+    up = (min(y4, g14 * s_q + y4 * nc_q) > 0) & (e7 > cos)
+    which, cos = (7, e7) if up else (which, cos)
     m22 = (y2 + y1 * nc_q) * inv_q
     sigma, u1, u2, v1, v2 = _arc_interior(g13, y1, y3, m22, s_q, nc_q, s_r, nc_r)
-    if sigma > cos:
-        cos, which = sigma, 8
-    # The optimal points: a1 x1 + a2 x2 on the first arc, b1 x3 + b2 x4 on the second.
-    a1, a2, b1, b2 = _ONE, _ZERO, _ONE, _ZERO
-    if which == 1 or which == 3:
-        b1, b2 = _ZERO, _ONE
-    if which == 2 or which == 3 or which == 5:
-        a1, a2 = _ZERO, _ONE
-    if which == 4:
-        b1, b2 = _arc_weights(g13, y1, c34, nc_r, inv_r)
-    elif which == 5:
-        b1, b2 = _arc_weights(g23, y2, c34, nc_r, inv_r)
-    elif which == 6:
-        a1, a2 = _arc_weights(g13, y3, c12, nc_q, inv_q)
-    elif which == 7:
-        a1, a2 = _arc_weights(g14, y4, c12, nc_q, inv_q)
-        b1, b2 = _ZERO, _ONE
-    elif which == 8:
-        a1, a2 = _arc_weights(u1, u2, c12, nc_q, inv_q)
-        b1, b2 = _arc_weights(v1, v2, c34, nc_r, inv_r)
-    if cos > 1:  # clamped in the forward: no gradient, as through a clamp
-        return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-    return -cos * b1 * b2, -cos * a1 * a2, a1 * b1, a1 * b2, a2 * b1, a2 * b2
+    which, cos = (8, sigma) if sigma > cos else (which, cos)
+    # The optimal points: a1 x1 + a2 x2 on the first arc, b1 x3 + b2 x4 on
+    # the second: a corner's ends, or the weights of the winning direction.
+    bw1, bw2 = _arc_weights(g13 if which == 4 else g23 if which == 5 else v1,
+                            y1 if which == 4 else y2 if which == 5 else v2, c34, nc_r, inv_r)
+    aw1, aw2 = _arc_weights(g13 if which == 6 else g14 if which == 7 else u1,
+                            y3 if which == 6 else y4 if which == 7 else u2, c12, nc_q, inv_q)
+    a_second = (which == 2) | (which == 3) | (which == 5)
+    b_second = (which == 1) | (which == 3) | (which == 7)
+    a_weighted = which >= 6
+    b_weighted = (which == 4) | (which == 5) | (which == 8)
+    a1 = aw1 if a_weighted else _ZERO if a_second else _ONE
+    a2 = aw2 if a_weighted else _ONE if a_second else _ZERO
+    b1 = bw1 if b_weighted else _ZERO if b_second else _ONE
+    b2 = bw2 if b_weighted else _ONE if b_second else _ZERO
+    live = not cos > 1  # clamped in the forward: no gradient, as through a clamp
+    return (-cos * b1 * b2 if live else _ZERO, -cos * a1 * a2 if live else _ZERO, a1 * b1 if live else _ZERO,
+            a1 * b2 if live else _ZERO, a2 * b1 if live else _ZERO, a2 * b2 if live else _ZERO)
 
 
 @njit
@@ -406,6 +446,41 @@ def _add_partials(geom, x1, x2, x3, x4, g, gqq, grr, gqr, dqq, dqr, own_r, b, ep
     dqr[x2, x4] += g * p24
 
 
+@njit(inline="always")  # takes arrays: see _end_score
+def _arc_rows(x1, x2, summed, b0, ends_col, pair_cos_r, gqq, gqr, dqq, dqr, own_r, live, inputs, parts, eps, tiny):
+    """Arcs: add the partials of the combinations of pair (x1, x2) with the
+    reference pairs ``b0:`` whose ``summed`` gradient is not zero, times it,
+    to ``dqq``, ``dqr`` and ``own_r`` (see :func:`_add_partials`). The live
+    pairs are listed first, their partials then computed in a loop without
+    branches (it vectorises; ``live`` and ``parts`` are buffers), and added
+    last, in the scalar order of :func:`_add_partials`."""
+    n = 0
+    for b in range(summed.shape[0]):
+        live[n] = b
+        n += summed[b] != 0
+    c12, row1, row2 = gqq[x1, x2], gqr[x1], gqr[x2]
+    for t in range(n):  # the gathers, apart: with them the loop below would not vectorise
+        k = b0 + live[t]
+        x3, x4 = ends_col[0, k], ends_col[1, k]
+        inputs[0, t], inputs[1, t], inputs[2, t] = summed[live[t]], pair_cos_r[k], row1[x3]
+        inputs[3, t], inputs[4, t], inputs[5, t] = row1[x4], row2[x3], row2[x4]
+    for t in range(n):
+        g = inputs[0, t]
+        p34, p12, p13, p14, p23, p24 = _arc_partials(inputs[1, t], c12, inputs[2, t], inputs[3, t], inputs[4, t],
+                                                     inputs[5, t], eps, tiny)
+        parts[0, t], parts[1, t], parts[2, t] = g * p12, g * p34, g * p13
+        parts[3, t], parts[4, t], parts[5, t] = g * p14, g * p23, g * p24
+    for t in range(n):
+        k = b0 + live[t]
+        x3, x4 = ends_col[0, k], ends_col[1, k]
+        dqq[x1, x2] += parts[0, t]
+        own_r[1, k] += parts[1, t]
+        dqr[x1, x3] += parts[2, t]
+        dqr[x1, x4] += parts[3, t]
+        dqr[x2, x3] += parts[4, t]
+        dqr[x2, x4] += parts[5, t]
+
+
 @njit(parallel=True, **_OPTS)
 def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r, order_q, sample_start,
              pair_start, work, slab, d_qr, d_qq, d_rr, own_r):
@@ -420,6 +495,10 @@ def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r
     k_r = ends_r.shape[0]
     eps = np.finfo(g_qr.dtype).eps
     tiny = np.finfo(g_qr.dtype).tiny
+    ends_col = np.ascontiguousarray(ends_r.T)
+    pair_cos_r = np.empty(k_r, g_qr.dtype)
+    for b in range(k_r):
+        pair_cos_r[b] = g_rr[ends_r[b, 0], ends_r[b, 1]]
     for w in prange(len(work)):
         c = work[w]
         samples = order_q[sample_start[c]:sample_start[c + 1]]
@@ -428,6 +507,9 @@ def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r
         if nb <= 0:
             continue
         mine = own_r[numba.get_thread_id()]
+        live = np.empty(nb, np.int64)
+        inputs = np.empty((6, nb), g_qr.dtype)
+        parts = np.empty((6, nb), g_qr.dtype)
         for p0 in range(pair_start[c], pair_start[c + 1], slab):
             p1 = min(p0 + slab, pair_start[c + 1])
             summed = np.zeros((p1 - p0, nb), g_qr.dtype)
@@ -444,6 +526,10 @@ def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r
                         summed[a - p0, k - a * k_r - b0] += g
             for a in range(p0, p1):
                 x1, x2 = ends_q[a, 0], ends_q[a, 1]
+                if geom == ARC:
+                    _arc_rows(x1, x2, summed[a - p0], b0, ends_col, pair_cos_r, g_qq, g_qr, d_qq, d_qr, mine, live,
+                              inputs, parts, eps, tiny)
+                    continue
                 for b in range(nb):
                     g = summed[a - p0, b]
                     if g != 0:
