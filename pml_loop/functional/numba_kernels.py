@@ -369,116 +369,121 @@ def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
             a1 * b2 if live else _ZERO, a2 * b1 if live else _ZERO, a2 * b2 if live else _ZERO)
 
 
-@njit
-def _ratio(num, den, tiny):
-    return num / den if den > tiny else 0.0
+@njit(inline="always")
+def _clamped_ratio(num, den, tiny):
+    """num / den clamped to [0, 1]; 0 for a degenerate ``den`` (<= tiny)."""
+    ratio = num / den
+    return min(max(ratio if den > tiny else _ZERO, _ZERO), _ONE)
 
 
-@njit
+@njit(inline="always")
+def _segment_square(s, t, a, b, c, d, e, f):
+    """The squared distance between the points at s and t of two segments
+    (the quadratic of ``segments.segment_candidates``)."""
+    return a * s * s + c * t * t - _TWO * b * s * t + _TWO * d * s - _TWO * e * t + f
+
+
+@njit(inline="always")
+def _smaller(s, t, valid, a, b, c, d, e, f, best_s, best_t, best):
+    """(s, t) and its squared distance when ``valid`` and smaller than ``best``, else the best so far."""
+    sq = _segment_square(s, t, a, b, c, d, e, f)
+    return (s, t, sq) if valid & (sq < best) else (best_s, best_t, best)
+
+
+@njit(inline="always")
 def _segment_weights(g11, g12, g22, g33, g34, g44, g13, g14, g23, g24, eps):
     """Optimal (s, t) of two segments: the best of the four clamped edges and
-    the interior point (``segments.segment_candidates``), first of equals."""
-    a = g22 - 2.0 * g12 + g11
-    c = g44 - 2.0 * g34 + g33
+    the interior point (``segments.segment_candidates``), first of equals.
+    Every candidate computed, the best taken by selects."""
+    a = g22 - _TWO * g12 + g11
+    c = g44 - _TWO * g34 + g33
     b = g24 - g23 - g14 + g13
     d = g12 - g23 - g11 + g13
     e = g14 - g34 - g13 + g33
-    f = g11 - 2.0 * g13 + g33
-    tiny = eps * (abs(g11 + g22 + g33 + g44) + 1.0)
-    best_s, best_t, best = 0.0, 0.0, np.inf
-    for k in range(5):
-        if k == 0:
-            s, t = 0.0, min(max(_ratio(e, c, tiny), 0.0), 1.0)
-        elif k == 1:
-            s, t = 1.0, min(max(_ratio(e + b, c, tiny), 0.0), 1.0)
-        elif k == 2:
-            s, t = min(max(_ratio(-d, a, tiny), 0.0), 1.0), 0.0
-        elif k == 3:
-            s, t = min(max(_ratio(b - d, a, tiny), 0.0), 1.0), 1.0
-        else:
-            det = a * c - b * b
-            if not det > 64.0 * eps * (a * c) + tiny * tiny:
-                break
-            s, t = (b * e - c * d) / det, (a * e - b * d) / det
-            if not (0 <= s <= 1 and 0 <= t <= 1):
-                break
-        sq = a * s * s + c * t * t - 2.0 * b * s * t + 2.0 * d * s - 2.0 * e * t + f
-        if sq < best:
-            best_s, best_t, best = s, t, sq
+    f = g11 - _TWO * g13 + g33
+    tiny = eps * (abs(g11 + g22 + g33 + g44) + _ONE)
+    det = a * c - b * b
+    s4, t4 = (b * e - c * d) / det, (a * e - b * d) / det
+    inside = (det > 64 * eps * (a * c) + tiny * tiny) & (min(s4, t4) >= 0) & (max(s4, t4) <= 1)
+    # In order: s = 0, s = 1, t = 0, t = 1, the interior; a later one wins only if smaller.
+    t = _clamped_ratio(e, c, tiny)
+    best_s, best_t, best = _ZERO, t, _segment_square(_ZERO, t, a, b, c, d, e, f)
+    best_s, best_t, best = _smaller(_ONE, _clamped_ratio(e + b, c, tiny), True, a, b, c, d, e, f, best_s, best_t, best)
+    best_s, best_t, best = _smaller(_clamped_ratio(-d, a, tiny), _ZERO, True, a, b, c, d, e, f, best_s, best_t, best)
+    best_s, best_t, best = _smaller(_clamped_ratio(b - d, a, tiny), _ONE, True, a, b, c, d, e, f, best_s, best_t, best)
+    best_s, best_t, best = _smaller(s4, t4, inside, a, b, c, d, e, f, best_s, best_t, best)
     return best_s, best_t
 
 
 @njit(inline="always")  # takes arrays: see _end_score
-def _add_partials(geom, x1, x2, x3, x4, g, gqq, grr, gqr, dqq, dqr, own_r, b, eps, tiny):
-    """Add ``g`` times the partials of combination (x1, x2 | x3, x4)'s optimum
-    to ``dqq`` (x1.x2 etc.) and ``dqr`` (rows x1, x2); the second pair's own
-    partials (x3.x3, x3.x4, x4.x4) to ``own_r[:, b]``."""
-    g13, g14, g23, g24 = gqr[x1, x3], gqr[x1, x4], gqr[x2, x3], gqr[x2, x4]
-    if geom == ARC:
-        p34, p12, p13, p14, p23, p24 = _arc_partials(grr[x3, x4], gqq[x1, x2], g13, g14, g23, g24, eps, tiny)
-        dqq[x1, x2] += g * p12
-        own_r[1, b] += g * p34
-    elif geom == SEGMENT:
-        g11, g12, g22 = gqq[x1, x1], gqq[x1, x2], gqq[x2, x2]
-        g33, g34, g44 = grr[x3, x3], grr[x3, x4], grr[x4, x4]
-        s, t = _segment_weights(g11, g12, g22, g33, g34, g44, g13, g14, g23, g24, eps)
-        a1, a2, b1, b2 = 1.0 - s, s, 1.0 - t, t
-        raw = (a1 * a1 * g11 + 2.0 * a1 * a2 * g12 + a2 * a2 * g22 + b1 * b1 * g33 + 2.0 * b1 * b2 * g34
-               + b2 * b2 * g44 - 2.0 * (a1 * b1 * g13 + a1 * b2 * g14 + a2 * b1 * g23 + a2 * b2 * g24))
-        if raw < 0:  # clamped at 0 in the forward
-            return
-        dqq[x1, x1] += g * a1 * a1
-        dqq[x1, x2] += g * 2.0 * a1 * a2
-        dqq[x2, x2] += g * a2 * a2
-        own_r[0, b] += g * b1 * b1
-        own_r[1, b] += g * 2.0 * b1 * b2
-        own_r[2, b] += g * b2 * b2
-        p13, p14, p23, p24 = -2.0 * a1 * b1, -2.0 * a1 * b2, -2.0 * a2 * b1, -2.0 * a2 * b2
-    else:
-        best = max(max(g13, g14), max(g23, g24))
-        p13 = 1.0 if g13 == best else 0.0
-        p14 = 1.0 if p13 == 0 and g14 == best else 0.0
-        p23 = 1.0 if p13 + p14 == 0 and g23 == best else 0.0
-        p24 = 1.0 - p13 - p14 - p23
-    dqr[x1, x3] += g * p13
-    dqr[x1, x4] += g * p14
-    dqr[x2, x3] += g * p23
-    dqr[x2, x4] += g * p24
+def _live_partials(geom, x1, x2, summed, b0, ends_col, pair_r, diag_r, gqq, gqr, dqq, dqr, own_r, live, inputs,
+                   parts, eps, tiny):
+    """Add the partial derivatives of the optimum of each combination of pair
+    (x1, x2) with a reference pair ``b0 + b`` whose ``summed[b]`` (the
+    entries' gradient) is not zero, times it, to ``dqq`` (x1.x2 etc.),
+    ``dqr`` (rows x1, x2) and, for the second pair's own inner products
+    (x3.x3, x3.x4, x4.x4), ``own_r[:, b0 + b]``.
 
-
-@njit(inline="always")  # takes arrays: see _end_score
-def _arc_rows(x1, x2, summed, b0, ends_col, pair_cos_r, gqq, gqr, dqq, dqr, own_r, live, inputs, parts, eps, tiny):
-    """Arcs: add the partials of the combinations of pair (x1, x2) with the
-    reference pairs ``b0:`` whose ``summed`` gradient is not zero, times it,
-    to ``dqq``, ``dqr`` and ``own_r`` (see :func:`_add_partials`). The live
-    pairs are listed first, their partials then computed in a loop without
-    branches (it vectorises; ``live`` and ``parts`` are buffers), and added
-    last, in the scalar order of :func:`_add_partials`."""
+    In three loops: the live pairs' inputs gathered, their partials computed
+    (selects only over contiguous columns: LLVM vectorises it, several
+    times faster than a loop with branches), and the sums added. ``live``,
+    ``inputs`` ``(8, nb)`` and ``parts`` ``(10, nb)`` are buffers."""
     n = 0
     for b in range(summed.shape[0]):
         live[n] = b
         n += summed[b] != 0
-    c12, row1, row2 = gqq[x1, x2], gqr[x1], gqr[x2]
-    for t in range(n):  # the gathers, apart: with them the loop below would not vectorise
+    row1, row2 = gqr[x1], gqr[x2]
+    for t in range(n):
         k = b0 + live[t]
         x3, x4 = ends_col[0, k], ends_col[1, k]
-        inputs[0, t], inputs[1, t], inputs[2, t] = summed[live[t]], pair_cos_r[k], row1[x3]
+        inputs[0, t], inputs[1, t], inputs[2, t] = summed[live[t]], pair_r[k], row1[x3]
         inputs[3, t], inputs[4, t], inputs[5, t] = row1[x4], row2[x3], row2[x4]
-    for t in range(n):
-        g = inputs[0, t]
-        p34, p12, p13, p14, p23, p24 = _arc_partials(inputs[1, t], c12, inputs[2, t], inputs[3, t], inputs[4, t],
-                                                     inputs[5, t], eps, tiny)
-        parts[0, t], parts[1, t], parts[2, t] = g * p12, g * p34, g * p13
-        parts[3, t], parts[4, t], parts[5, t] = g * p14, g * p23, g * p24
+        inputs[6, t], inputs[7, t] = diag_r[x3], diag_r[x4]
+    # parts: x1.x1, x1.x2, x2.x2 | x3.x3, x3.x4, x4.x4 | x1.x3, x1.x4, x2.x3, x2.x4
+    g11, g12, g22 = gqq[x1, x1], gqq[x1, x2], gqq[x2, x2]
+    # Loops of one geometry each: a branch inside would keep them from vectorising.
+    if geom == ARC:
+        for t in range(n):
+            g, g34, g13, g14, g23, g24 = inputs[0, t], inputs[1, t], inputs[2, t], inputs[3, t], inputs[4, t], inputs[5, t]
+            p34, p12, p13, p14, p23, p24 = _arc_partials(g34, g12, g13, g14, g23, g24, eps, tiny)
+            parts[1, t], parts[4, t] = g * p12, g * p34
+            parts[6, t], parts[7, t], parts[8, t], parts[9, t] = g * p13, g * p14, g * p23, g * p24
+    elif geom == SEGMENT:
+        for t in range(n):
+            g, g34, g13, g14, g23, g24 = inputs[0, t], inputs[1, t], inputs[2, t], inputs[3, t], inputs[4, t], inputs[5, t]
+            g33, g44 = inputs[6, t], inputs[7, t]
+            s, u = _segment_weights(g11, g12, g22, g33, g34, g44, g13, g14, g23, g24, eps)
+            a1, a2, b1, b2 = _ONE - s, s, _ONE - u, u
+            raw = (a1 * a1 * g11 + _TWO * a1 * a2 * g12 + a2 * a2 * g22 + b1 * b1 * g33 + _TWO * b1 * b2 * g34
+                   + b2 * b2 * g44 - _TWO * (a1 * b1 * g13 + a1 * b2 * g14 + a2 * b1 * g23 + a2 * b2 * g24))
+            g = _ZERO if raw < 0 else g  # clamped at 0 in the forward: no gradient
+            parts[0, t], parts[1, t], parts[2, t] = g * a1 * a1, g * _TWO * a1 * a2, g * a2 * a2
+            parts[3, t], parts[4, t], parts[5, t] = g * b1 * b1, g * _TWO * b1 * b2, g * b2 * b2
+            g = -_TWO * g
+            parts[6, t], parts[7, t], parts[8, t], parts[9, t] = g * a1 * b1, g * a1 * b2, g * a2 * b1, g * a2 * b2
+    else:  # the best corner, the first of equals
+        for t in range(n):
+            g, g13, g14, g23, g24 = inputs[0, t], inputs[2, t], inputs[3, t], inputs[4, t], inputs[5, t]
+            best = max(max(g13, g14), max(g23, g24))
+            p13 = _ONE if g13 == best else _ZERO
+            p14 = _ONE if p13 == 0 and g14 == best else _ZERO
+            p23 = _ONE if p13 + p14 == 0 and g23 == best else _ZERO
+            parts[6, t], parts[7, t], parts[8, t], parts[9, t] = g * p13, g * p14, g * p23, g * (_ONE - p13 - p14 - p23)
     for t in range(n):
         k = b0 + live[t]
         x3, x4 = ends_col[0, k], ends_col[1, k]
-        dqq[x1, x2] += parts[0, t]
-        own_r[1, k] += parts[1, t]
-        dqr[x1, x3] += parts[2, t]
-        dqr[x1, x4] += parts[3, t]
-        dqr[x2, x3] += parts[4, t]
-        dqr[x2, x4] += parts[5, t]
+        if geom == SEGMENT:
+            dqq[x1, x1] += parts[0, t]
+            dqq[x2, x2] += parts[2, t]
+            own_r[0, k] += parts[3, t]
+            own_r[2, k] += parts[5, t]
+        if geom != DOT:
+            dqq[x1, x2] += parts[1, t]
+            own_r[1, k] += parts[4, t]
+        dqr[x1, x3] += parts[6, t]
+        dqr[x1, x4] += parts[7, t]
+        dqr[x2, x3] += parts[8, t]
+        dqr[x2, x4] += parts[9, t]
 
 
 @njit(parallel=True, **_OPTS)
@@ -496,9 +501,10 @@ def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r
     eps = np.finfo(g_qr.dtype).eps
     tiny = np.finfo(g_qr.dtype).tiny
     ends_col = np.ascontiguousarray(ends_r.T)
-    pair_cos_r = np.empty(k_r, g_qr.dtype)
+    diag_r = np.ascontiguousarray(np.diag(g_rr))
+    pair_r = np.empty(k_r, g_qr.dtype)  # x3.x4 of each reference pair
     for b in range(k_r):
-        pair_cos_r[b] = g_rr[ends_r[b, 0], ends_r[b, 1]]
+        pair_r[b] = g_rr[ends_r[b, 0], ends_r[b, 1]]
     for w in prange(len(work)):
         c = work[w]
         samples = order_q[sample_start[c]:sample_start[c + 1]]
@@ -508,8 +514,8 @@ def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r
             continue
         mine = own_r[numba.get_thread_id()]
         live = np.empty(nb, np.int64)
-        inputs = np.empty((6, nb), g_qr.dtype)
-        parts = np.empty((6, nb), g_qr.dtype)
+        inputs = np.empty((8, nb), g_qr.dtype)
+        parts = np.empty((10, nb), g_qr.dtype)
         for p0 in range(pair_start[c], pair_start[c + 1], slab):
             p1 = min(p0 + slab, pair_start[c + 1])
             summed = np.zeros((p1 - p0, nb), g_qr.dtype)
@@ -525,16 +531,8 @@ def gradient(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, combo, grad, cls_r
                     if p0 <= a < p1:
                         summed[a - p0, k - a * k_r - b0] += g
             for a in range(p0, p1):
-                x1, x2 = ends_q[a, 0], ends_q[a, 1]
-                if geom == ARC:
-                    _arc_rows(x1, x2, summed[a - p0], b0, ends_col, pair_cos_r, g_qq, g_qr, d_qq, d_qr, mine, live,
-                              inputs, parts, eps, tiny)
-                    continue
-                for b in range(nb):
-                    g = summed[a - p0, b]
-                    if g != 0:
-                        _add_partials(geom, x1, x2, ends_r[b0 + b, 0], ends_r[b0 + b, 1], g, g_qq, g_rr, g_qr,
-                                      d_qq, d_qr, mine, b0 + b, eps, tiny)
+                _live_partials(geom, ends_q[a, 0], ends_q[a, 1], summed[a - p0], b0, ends_col, pair_r, diag_r, g_qq,
+                               g_qr, d_qq, d_qr, mine, live, inputs, parts, eps, tiny)
     for t in range(own_r.shape[0]):
         for b in range(k_r):
             x3, x4 = ends_r[b, 0], ends_r[b, 1]
