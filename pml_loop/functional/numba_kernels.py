@@ -187,6 +187,71 @@ def _table_values(geom, out, nearest, near, first, second, ends_col, info_col, i
 
 
 # -- search ----------------------------------------------------------------------
+@njit(**_OPTS)
+def _end_table(geom, samples, g_qr, g_qq, ends_col, info_r, b0, row_of):
+    """``(len(samples), 3, k_r - b0)``: each of ``samples`` against each
+    reference pair from ``b0`` (the three fields of :func:`_end_score`, stored
+    field by field); ``row_of`` gets each sample's row. (Functions of their
+    own, called once per class or slab, these loops compile in a fraction of
+    the time they take inlined into the parallel loop, and run as fast.)"""
+    nb = ends_col.shape[1] - b0
+    table = np.empty((len(samples), 3, nb), g_qr.dtype)
+    for r in range(len(samples)):
+        x = samples[r]
+        row_of[x] = r
+        row, xx = g_qr[x], g_qq[x, x]
+        for b in range(nb):
+            x3, x4 = ends_col[0, b0 + b], ends_col[1, b0 + b]
+            table[r, 0, b], table[r, 1, b], table[r, 2, b] = _end_score(geom, row[x3], row[x4], xx, info_r, b0 + b)
+    return table
+
+
+@njit(**_OPTS)
+def _slab_values(geom, one_set, label, p0, p1, b0, g_qr, g_qq, ends_q, ends_r, ends_col, info_q, info_r, info_col,
+                 diag_r, pair_labels_r, use_table, table, row_of, eps):
+    """``(p1 - p0, k_r - b0)``: the best score of each combination of the
+    query pairs ``p0:p1`` with the reference pairs from ``b0``, from the
+    class's ``table`` (:func:`_end_table`) when ``use_table``, else
+    computed per combination."""
+    n_r = g_qr.shape[1]
+    nb = ends_r.shape[0] - b0
+    nearest = np.empty(nb, g_qr.dtype)
+    # Reference samples against the slab's pairs (best end only).
+    # (Every sample, also those never read: a loop without a test vectorises.)
+    ends_vs = np.empty((p1 - p0, n_r), g_qr.dtype)
+    for a in range(p0, p1):
+        row1, row2, out = g_qr[ends_q[a, 0]], g_qr[ends_q[a, 1]], ends_vs[a - p0]
+        for y in range(n_r):
+            out[y] = _end_score(geom, row1[y], row2[y], diag_r[y], info_q, a)[2]
+    values = np.empty((p1 - p0, nb), g_qr.dtype)
+    for a in range(p0, p1):
+        x1, x2 = ends_q[a, 0], ends_q[a, 1]
+        if use_table:
+            _table_values(geom, values[a - p0], nearest, ends_vs[a - p0], table[row_of[x1]],
+                          table[row_of[x2]], ends_col, info_col, info_q, a, b0, eps)
+            continue
+        nc_q, s_q, inv_q = info_q[a, 0], info_q[a, 1], info_q[a, 2]
+        for b in range(nb):
+            k = b0 + b
+            if not one_set and pair_labels_r[k] == label:  # never read: the search skips those entries
+                values[a - p0, b] = -np.inf
+                continue
+            x3, x4 = ends_r[k, 0], ends_r[k, 1]
+            f13, f14, e1 = _end_score(geom, g_qr[x1, x3], g_qr[x1, x4], g_qq[x1, x1], info_r, k)
+            f23, f24, e2 = _end_score(geom, g_qr[x2, x3], g_qr[x2, x4], g_qq[x2, x2], info_r, k)
+            v = max(max(e1, e2), max(ends_vs[a - p0, x3], ends_vs[a - p0, x4]))
+            if geom == ARC:  # f14, f24: x1, x2 on the second arc's e2
+                m21 = (f23 + f13 * nc_q) * inv_q
+                m22 = (f24 + f14 * nc_q) * inv_q
+                v = max(v, _arc_interior(f13, f14, m21, m22, s_q, nc_q, info_r[k, 1], info_r[k, 0])[0])
+            elif geom == SEGMENT:
+                v = max(v, _segment_interior(f13, f14, f23, f24, info_q[a, 0], info_q[a, 1], info_q[a, 3],
+                                             info_q[a, 5], info_r[k, 0], info_r[k, 1], info_r[k, 3], info_r[k, 5],
+                                             eps))
+            values[a - p0, b] = v
+    return values
+
+
 @njit(parallel=True, **_OPTS)
 def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, labels_q, labels_r, pair_labels_r,
            cls_r, order_q, sample_start, pair_start, work, slab, best, combo):
@@ -231,55 +296,16 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
                 combo[i, j] = 0
         if nb <= 0:
             continue
-        # The class's samples against every reference pair, (samples, 3 fields, pairs),
-        # when that is no larger than a slab's values; else found per combination.
+        # The class's samples against every reference pair when that is no
+        # larger than a slab's values; else found per combination.
         use_table = len(samples) <= slab
         row_of = np.zeros(n_q, np.int64)  # sample -> its row in the table
-        nearest = np.empty(nb, g_qr.dtype)
-        table = np.empty((len(samples) if use_table else 1, 3, nb if use_table else 1), g_qr.dtype)
-        if use_table:
-            for r in range(len(samples)):
-                x = samples[r]
-                row_of[x] = r
-                for b in range(nb):
-                    x3, x4 = ends_r[b0 + b, 0], ends_r[b0 + b, 1]
-                    table[r, 0, b], table[r, 1, b], table[r, 2, b] = _end_score(
-                        geom, g_qr[x, x3], g_qr[x, x4], g_qq[x, x], info_r, b0 + b)
+        table = _end_table(geom, samples if use_table else samples[:0], g_qr, g_qq, ends_col, info_r, b0, row_of)
         first = True
         for p0 in range(pair_start[c], pair_start[c + 1], slab):
             p1 = min(p0 + slab, pair_start[c + 1])
-            # Reference samples against the slab's pairs (best end only).
-            # (Every sample, also those never read: a loop without a test vectorises.)
-            ends_vs = np.empty((p1 - p0, n_r), g_qr.dtype)
-            for a in range(p0, p1):
-                row1, row2, out = g_qr[ends_q[a, 0]], g_qr[ends_q[a, 1]], ends_vs[a - p0]
-                for y in range(n_r):
-                    out[y] = _end_score(geom, row1[y], row2[y], diag_r[y], info_q, a)[2]
-            values = np.empty((p1 - p0, nb), g_qr.dtype)
-            for a in range(p0, p1):
-                x1, x2 = ends_q[a, 0], ends_q[a, 1]
-                if use_table:
-                    _table_values(geom, values[a - p0], nearest, ends_vs[a - p0], table[row_of[x1]],
-                                  table[row_of[x2]], ends_col, info_col, info_q, a, b0, eps)
-                    continue
-                nc_q, s_q, inv_q = info_q[a, 0], info_q[a, 1], info_q[a, 2]
-                for b in range(nb):
-                    k = b0 + b
-                    if not one_set and pair_labels_r[k] == label:  # never read: the entries are skipped below
-                        values[a - p0, b] = -np.inf
-                        continue
-                    x3, x4 = ends_r[k, 0], ends_r[k, 1]
-                    f13, f14, e1 = _end_score(geom, g_qr[x1, x3], g_qr[x1, x4], g_qq[x1, x1], info_r, k)
-                    f23, f24, e2 = _end_score(geom, g_qr[x2, x3], g_qr[x2, x4], g_qq[x2, x2], info_r, k)
-                    v = max(max(e1, e2), max(ends_vs[a - p0, x3], ends_vs[a - p0, x4]))
-                    if geom == ARC:  # f14, f24: x1, x2 on the second arc's e2
-                        m21 = (f23 + f13 * nc_q) * inv_q
-                        m22 = (f24 + f14 * nc_q) * inv_q
-                        v = max(v, _arc_interior(f13, f14, m21, m22, s_q, nc_q, info_r[k, 1], info_r[k, 0])[0])
-                    elif geom == SEGMENT:
-                        v = max(v, _segment_interior(f13, f14, f23, f24, info_q[a, 0], info_q[a, 1], info_q[a, 3], info_q[a, 5],
-                                                     info_r[k, 0], info_r[k, 1], info_r[k, 3], info_r[k, 5], eps))
-                    values[a - p0, b] = v
+            values = _slab_values(geom, one_set, label, p0, p1, b0, g_qr, g_qq, ends_q, ends_r, ends_col, info_q,
+                                  info_r, info_col, diag_r, pair_labels_r, use_table, table, row_of, eps)
             # Per entry, the best combination of the slab (kept where better).
             for i in samples:
                 for j in range(n_r):
@@ -422,7 +448,7 @@ def _segment_weights(g11, g12, g22, g33, g34, g44, g13, g14, g23, g24, eps):
     return best_s, best_t
 
 
-@njit(inline="always")  # takes arrays: see _end_score
+@njit(**_OPTS)  # not inlined: see _end_table
 def _live_partials(geom, x1, x2, summed, b0, ends_col, pair_r, diag_r, gqq, gqr, dqq, dqr, own_r, live, inputs,
                    parts, eps, tiny):
     """Add the partial derivatives of the optimum of each combination of pair
@@ -451,13 +477,15 @@ def _live_partials(geom, x1, x2, summed, b0, ends_col, pair_r, diag_r, gqq, gqr,
     # Loops of one geometry each: a branch inside would keep them from vectorising.
     if geom == ARC:
         for t in range(n):
-            g, g34, g13, g14, g23, g24 = inputs[0, t], inputs[1, t], inputs[2, t], inputs[3, t], inputs[4, t], inputs[5, t]
+            g, g34, g13, g14 = inputs[0, t], inputs[1, t], inputs[2, t], inputs[3, t]
+            g23, g24 = inputs[4, t], inputs[5, t]
             p34, p12, p13, p14, p23, p24 = _arc_partials(g34, g12, g13, g14, g23, g24, eps, tiny)
             parts[1, t], parts[4, t] = g * p12, g * p34
             parts[6, t], parts[7, t], parts[8, t], parts[9, t] = g * p13, g * p14, g * p23, g * p24
     elif geom == SEGMENT:
         for t in range(n):
-            g, g34, g13, g14, g23, g24 = inputs[0, t], inputs[1, t], inputs[2, t], inputs[3, t], inputs[4, t], inputs[5, t]
+            g, g34, g13, g14 = inputs[0, t], inputs[1, t], inputs[2, t], inputs[3, t]
+            g23, g24 = inputs[4, t], inputs[5, t]
             g33, g44 = inputs[6, t], inputs[7, t]
             s, u = _segment_weights(g11, g12, g22, g33, g34, g44, g13, g14, g23, g24, eps)
             a1, a2, b1, b2 = _ONE - s, s, _ONE - u, u
