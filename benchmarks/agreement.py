@@ -2,6 +2,7 @@
 
     git worktree add /tmp/before <commit>
     python benchmarks/agreement.py --against /tmp/before   # this build (backend="torch") against another
+    python benchmarks/agreement.py --against /tmp/before --backend numba   # both builds' numba backends
     python benchmarks/agreement.py --backends               # this build's numba backend against its torch one
 
 Runs the same cases through both in one process: four losses
@@ -75,6 +76,8 @@ def main() -> None:
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--against", help="a checkout of the other build")
     which.add_argument("--backends", action="store_true", help="backend='numba' against backend='torch'")
+    ap.add_argument("--backend", choices=("torch", "numba"), default="torch",
+                    help="with --against: the backend of both builds (default torch)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")  # e.g. "a batch with a single class" where the sizes make one
@@ -82,7 +85,11 @@ def main() -> None:
         mine_cls, other = (functools.partial(LoOpLoss, backend=b) for b in ("numba", "torch"))
     else:
         from bench_loop import torch_path
-        mine_cls, other = torch_path(LoOpLoss), load_against(args.against)
+        theirs = load_against(args.against)
+        if args.backend == "torch":
+            mine_cls, other = torch_path(LoOpLoss), torch_path(theirs)
+        else:
+            mine_cls, other = (functools.partial(cls, backend="numba") for cls in (LoOpLoss, theirs))
     for dtype, selected in ((torch.float32, cases()), (torch.float64, cases()[::6])):
         equal, worst = 0, (0.0, None)
         for case in selected:

@@ -2,15 +2,15 @@
 
     python benchmarks/bench_loop.py            # every table (about a minute on 2 cores)
     python benchmarks/bench_loop.py --quick    # fewer repeats, smaller sweep
-    python benchmarks/bench_loop.py --only speed memory first aten train parts profile
+    python benchmarks/bench_loop.py --only speed memory first aten train parts kernels profile
     python benchmarks/bench_loop.py --only speed train --against /tmp/before   # two builds
 
 Nothing here is a test: it prints ratios measured in one run, the variants
 interleaved round by round so that machine load hits each alike.
 ``--against`` takes another checkout (e.g. ``git worktree add /tmp/before
 <commit>``) and times its LoOpLoss in the same process, interleaved with this
-one's, in the speed and train tables and for the search and gradient passes
-of the parts table: on a machine whose speed drifts, two builds compare reliably only
+one's, in the speed and train tables, for the search and gradient passes
+of the parts table and for the numba kernels: on a machine whose speed drifts, two builds compare reliably only
 that way.
 
 Run it on a quiet machine (on 2 cores another busy process distorts everything).
@@ -43,6 +43,9 @@ Tables:
   which candidate realises them (random and clustered embeddings), the
   triplets TripletMarginLoss's reducer
   keeps, plain and with LoOp, and the fixed cost per call (B = 16);
+- kernels: the numba backend's search and gradient kernels alone, arcs and
+  segments, B = 128 and 1024 (with ``--against``, both builds'), the
+  fastest of interleaved calls;
 - profile: the same under ``torch.profiler``, by ATen operation (B = 128).
 """
 from __future__ import annotations
@@ -122,10 +125,11 @@ def step(loss, emb, labels):
     return run
 
 
-def median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, called round by round (interleaved),
-    in a new order each round: a call's time depends on which call ran just
-    before it, and in a fixed order that decided a comparison of two builds."""
+def median_times(fns: dict, repeats: int, reduce=statistics.median) -> dict:
+    """Median seconds (or ``reduce`` of the times) of each function, called
+    round by round (interleaved), in a new order each round: a call's time
+    depends on which call ran just before it, and in a fixed order that
+    decided a comparison of two builds."""
     for fn in fns.values():
         fn()  # warm-up (and the structure cache)
     times = {name: [] for name in fns}
@@ -136,7 +140,7 @@ def median_times(fns: dict, repeats: int) -> dict:
             t = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return {name: reduce(v) for name, v in times.items()}
 
 
 def min_time(fn, calls: int) -> float:
@@ -344,6 +348,55 @@ def train(quick: bool) -> None:
         against = f", --against build {t['against'] / t['plain']:.3f}x" if AGAINST is not None else ""
         print(f"{name}: plain {1e3 * t['plain']:.1f} ms" + "".join(
               f", LoOp {b} {1e3 * t[b]:.1f} ms ({t[b] / t['plain']:.3f}x)" for b in BACKENDS) + against, flush=True)
+
+
+def kernel_calls(package: str, b: int, geometry: str):
+    """The numba search and gradient of ``package`` (this build's ``pml_loop``
+    or ``pml_loop_against``) on a batch of ``b`` (m = 4; arcs: unit
+    embeddings, segments: raw ones), as two calls without arguments."""
+    mod = importlib.import_module(package)
+    kernels_of = importlib.import_module(package + ".backend")
+    kernels_of._announced = True  # the compile, if any, is the warm-up call's
+    gram_blocks = importlib.import_module(package + ".batch_loop").gram_blocks
+    from pytorch_metric_learning.distances import LpDistance
+
+    emb, labels = batch(b // 4, 4)
+    x = emb.detach()
+    if geometry == "arc":
+        x = torch.nn.functional.normalize(x, dim=1)
+    dist = mod.LoOpDistance(LpDistance(normalize_embeddings=geometry == "arc"), backend="numba")
+    st = dist._structure(gram_blocks(x, x, True), labels, labels, True)
+    gram, chunk = x @ x.T, dist._chunk(x.device)
+    _, combo = kernels_of.search(gram, gram, gram, st.layout, geometry, st.plan.combos, chunk)
+    grad = torch.rand(b, b, generator=torch.Generator().manual_seed(1)) * (labels[:, None] != labels[None, :])
+    return (lambda: kernels_of.search(gram, gram, gram, st.layout, geometry, st.plan.combos, chunk),
+            lambda: kernels_of.gradient(gram, gram, gram, st.layout, geometry, combo, grad, chunk))
+
+
+def kernels(quick: bool) -> None:
+    """The numba backend's two kernels alone, with ``--against`` that
+    build's too, interleaved; the fastest call (the least disturbed)."""
+    print("\n## kernels: the numba search and gradient alone (one set, m = 4, d = 512, dense gradient), "
+          "fastest of interleaved calls, ms")
+    if "numba" not in BACKENDS:
+        print("skipped: numba is not installed")
+        return
+    builds = {"this build": "pml_loop"}
+    if AGAINST is not None:
+        try:
+            kernel_calls("pml_loop_against", 64, "arc")
+            builds["--against build"] = "pml_loop_against"
+        except Exception as exc:  # a build from before the numba backend
+            print(f"--against build left out: {type(exc).__name__}: {exc}")
+    for b in ((128, 512) if quick else (128, 1024)):
+        for geometry in ("arc", "segment"):
+            fns = {}
+            for label, package in builds.items():
+                fns[f"{label} search"], fns[f"{label} gradient"] = kernel_calls(package, b, geometry)
+            t = median_times(fns, 10 if quick else 25, reduce=min)
+            print(f"B = {b}, {geometry}s: " + "; ".join(
+                f"{label} search {1e3 * t[label + ' search']:.2f}, gradient {1e3 * t[label + ' gradient']:.2f}"
+                for label in builds), flush=True)
 
 
 def parts(quick: bool) -> None:
@@ -565,8 +618,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", nargs="*", default=["speed", "aten", "memory", "first", "train", "parts", "profile"])
-    ap.add_argument("--against", metavar="CHECKOUT", help="also time this checkout's LoOpLoss (speed, train, parts)")
+    ap.add_argument("--only", nargs="*",
+                    default=["speed", "aten", "memory", "first", "train", "parts", "kernels", "profile"])
+    ap.add_argument("--against", metavar="CHECKOUT",
+                    help="also time this checkout's LoOpLoss (speed, train, parts, kernels)")
     ap.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -581,7 +636,8 @@ def main() -> None:
         if part in ("memory", "first"):
             {"memory": memory, "first": first_call}[part](args.quick, args.threads)
         else:
-            {"speed": speed, "aten": aten, "train": train, "parts": parts, "profile": profile_table}[part](args.quick)
+            {"speed": speed, "aten": aten, "train": train, "parts": parts, "kernels": kernels,
+             "profile": profile_table}[part](args.quick)
 
 
 if __name__ == "__main__":
