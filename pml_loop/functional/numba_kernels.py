@@ -80,14 +80,26 @@ def _pair_info(g_own, ends, geom, out):
 
 
 @njit(inline="always")
+def _edge_value(w1, w2, s, nc):
+    """The cosine of a unit point with coordinates (w1, w2) in an arc's basis
+    (x_first, e2) and its projection on the arc, when that lies strictly
+    inside the arc; else -inf. A select, not a branch: loops of it vectorise."""
+    value = math.sqrt(w1 * w1 + w2 * w2)
+    return value if min(w2, w1 * s + w2 * nc) > 0 else _NEG_INF
+
+
+@njit(inline="always")
+def _larger(k, value, which, best):
+    """Candidate ``k`` and its ``value`` if larger than ``best``, else (which, best): the first of equals wins."""
+    return (k, value) if value > best else (which, best)
+
+
+@njit(inline="always")
 def _arc_end(g3, g4, nc, s, inv):
     """A unit point against an arc (its inner products g3, g4 with the ends):
-    its coordinate on the arc's e2 and its best corner or edge cosine. A
-    select, not a branch, so that loops of it vectorise."""
+    its coordinate on the arc's e2 and its best corner or edge cosine."""
     y = (g4 + g3 * nc) * inv
-    best = max(g3, g4)
-    edge = max(best, math.sqrt(g3 * g3 + y * y))
-    return y, edge if min(y, g3 * s + y * nc) > 0 else best  # the projection strictly inside the arc
+    return y, max(max(g3, g4), _edge_value(g3, y, s, nc))
 
 
 @njit
@@ -361,28 +373,17 @@ def _arc_partials(c34, c12, g13, g14, g23, g24, eps, tiny):
     y3 = (g23 + g13 * nc_q) * inv_q  # x3 on e2_q
     y4 = (g24 + g14 * nc_q) * inv_q  # x4 on e2_q
     # Corners (which 0 - 3), edges (4 - 7), the interior (8); a later one wins only if larger.
-    cos, which = g13, 0
-    which = 1 if g14 > cos else which
-    cos = max(cos, g14)
-    which = 2 if g23 > cos else which
-    cos = max(cos, g23)
-    which = 3 if g24 > cos else which
-    cos = max(cos, g24)
-    e4 = math.sqrt(g13 * g13 + y1 * y1)
-    up = (min(y1, g13 * s_r + y1 * nc_r) > 0) & (e4 > cos)
-    which, cos = (4, e4) if up else (which, cos)
-    e5 = math.sqrt(g23 * g23 + y2 * y2)
-    up = (min(y2, g23 * s_r + y2 * nc_r) > 0) & (e5 > cos)
-    which, cos = (5, e5) if up else (which, cos)
-    e6 = math.sqrt(g13 * g13 + y3 * y3)
-    up = (min(y3, g13 * s_q + y3 * nc_q) > 0) & (e6 > cos)
-    which, cos = (6, e6) if up else (which, cos)
-    e7 = math.sqrt(g14 * g14 + y4 * y4)
-    up = (min(y4, g14 * s_q + y4 * nc_q) > 0) & (e7 > cos)
-    which, cos = (7, e7) if up else (which, cos)
+    which, cos = 0, g13
+    which, cos = _larger(1, g14, which, cos)
+    which, cos = _larger(2, g23, which, cos)
+    which, cos = _larger(3, g24, which, cos)
+    which, cos = _larger(4, _edge_value(g13, y1, s_r, nc_r), which, cos)
+    which, cos = _larger(5, _edge_value(g23, y2, s_r, nc_r), which, cos)
+    which, cos = _larger(6, _edge_value(g13, y3, s_q, nc_q), which, cos)
+    which, cos = _larger(7, _edge_value(g14, y4, s_q, nc_q), which, cos)
     m22 = (y2 + y1 * nc_q) * inv_q
     sigma, u1, u2, v1, v2 = _arc_interior(g13, y1, y3, m22, s_q, nc_q, s_r, nc_r)
-    which, cos = (8, sigma) if sigma > cos else (which, cos)
+    which, cos = _larger(8, sigma, which, cos)
     # The optimal points: a1 x1 + a2 x2 on the first arc, b1 x3 + b2 x4 on
     # the second: a corner's ends, or the weights of the winning direction.
     bw1, bw2 = _arc_weights(g13 if which == 4 else g23 if which == 5 else v1,
