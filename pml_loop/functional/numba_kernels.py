@@ -191,7 +191,7 @@ def _table_values(geom, out, nearest, near, first, second, ends_col, info_col, i
         for b in range(nb):
             k = b0 + b
             inner = _segment_interior(f13[b], f14[b], f23[b], f24[b], g11, g12, len_q, tiny_q,
-                                            info_col[0, k], info_col[1, k], info_col[3, k], info_col[5, k], eps)
+                                      info_col[0, k], info_col[1, k], info_col[3, k], info_col[5, k], eps)
             out[b] = max(max(max(e1[b], e2[b]), nearest[b]), inner)
     else:
         for b in range(nb):
@@ -203,9 +203,13 @@ def _table_values(geom, out, nearest, near, first, second, ends_col, info_col, i
 def _end_table(geom, samples, g_qr, g_qq, ends_col, info_r, b0, row_of):
     """``(len(samples), 3, k_r - b0)``: each of ``samples`` against each
     reference pair from ``b0`` (the three fields of :func:`_end_score`, stored
-    field by field); ``row_of`` gets each sample's row. (Functions of their
-    own, called once per class or slab, these loops compile in a fraction of
-    the time they take inlined into the parallel loop, and run as fast.)"""
+    field by field); ``row_of`` gets each sample's row.
+
+    This, :func:`_slab_values` and :func:`_live_partials` are functions of
+    their own, called once per class, slab or query pair: inlined into the
+    parallel loop, their vectorised loops doubled the first compile. Their
+    calls count references to shared arrays (see :func:`_end_score`), but
+    per pair, not per combination, which costs nothing measurable."""
     nb = ends_col.shape[1] - b0
     table = np.empty((len(samples), 3, nb), g_qr.dtype)
     for r in range(len(samples)):
