@@ -278,17 +278,25 @@ def test_errors_name_the_problem():
         LoOpLoss(losses.TripletMarginLoss(), miner=LoOpMiner(output="quadruplets"))
 
 
-def test_degenerate_batches_have_finite_gradients():
-    emb = torch.zeros(8, 4)
-    emb[4:] = torch.randn(4, 4)
-    emb[1] = emb[0]
-    emb[2] = -emb[3] if emb[3].abs().sum() > 0 else emb[2]
+@pytest.mark.parametrize("layout", ["zeros", "duplicates and antipodes"])
+def test_degenerate_batches_have_finite_gradients(layout, backend):
+    """Pairs whose ends coincide, are antipodal (a flat arc) or are zero
+    vectors: finite values and gradients on every backend."""
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(10, 4, generator=g)
+    if layout == "zeros":
+        emb[:4] = 0
+    else:
+        emb[1] = emb[0]  # a pair of one point
+        emb[3] = -emb[2]  # an antipodal pair
+        emb[5] = emb[0]  # a negative equal to a positive pair's end
     emb.requires_grad_()
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
     for d in (LpDistance(), LpDistance(normalize_embeddings=False), CosineSimilarity()):
         emb.grad = None
-        LoOpLoss(losses.ContrastiveLoss(distance=d))(emb, labels).backward()
-        assert torch.isfinite(emb.grad).all()
+        value = LoOpLoss(losses.ContrastiveLoss(distance=d), backend=backend)(emb, labels)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(emb.grad).all(), (layout, d)
 
 
 def test_compiled_search_matches_eager():
