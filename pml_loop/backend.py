@@ -82,6 +82,8 @@ class NumbaLayout(NamedTuple):
     pair_start: np.ndarray
     work: np.ndarray
     one_set: bool
+    #: the search's tasks per number of threads: see :func:`search_tasks`
+    tasks: dict
 
 
 def numba_layout(table_q: PairTable, table_r: PairTable, q_labels: Tensor, r_labels: Tensor) -> NumbaLayout:
@@ -110,7 +112,7 @@ def numba_layout(table_q: PairTable, table_r: PairTable, q_labels: Tensor, r_lab
         host(table_q.ends), host(table_r.ends), host(table_q.owned), host(table_r.owned), labels_q,
         labels_q if one_set else host(r_labels), host(table_r.labels),
         cls.astype(np.int64) if one_set else np.zeros(1, np.int64), order_q, sample_start, pair_start, work,
-        one_set)
+        one_set, {})
 
 
 _announced = False
@@ -148,6 +150,56 @@ def _gram(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().numpy())
 
 
+def search_tasks(layout: NumbaLayout, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The search's tasks ``(threads * L, 4)`` (class, first pair, end pair,
+    first private row, or -1: the outputs, -2: the outputs without their
+    mirror images; class -1: padding), in one block of L per thread; the
+    split classes' merges ``(m, 3)`` (class, parts, first private row); the
+    private rows in all.
+
+    Numba's parallel loop hands each thread one contiguous block of equal
+    length, so the tasks are dealt here: largest first, each to the thread
+    with the least work so far. A class with more than a thread's share of
+    the combinations (a few big classes: two of 64 samples are one class
+    pair) is split into parts of its pairs, up to one per thread, each but
+    the first writing its own table of the class's entries; those tables
+    hold at most ``n_q`` rows in all, so the search's memory stays within
+    twice its outputs."""
+    pairs = np.diff(layout.pair_start)
+    k_r = len(layout.ends_r)
+    work = pairs * (k_r - layout.pair_start[1:] if layout.one_set else k_r)
+    sizes = np.diff(layout.sample_start)
+    parts = np.ones(len(pairs), np.int64)
+    if threads > 1 and work.sum() > 0:
+        want = np.minimum(np.ceil(work * threads / work.sum()), np.minimum(threads, pairs))
+        budget = sizes.sum()
+        for c in np.argsort(-work, kind="stable"):
+            parts[c] = max(1, min(want[c], 1 + budget // sizes[c]))
+            budget -= (parts[c] - 1) * sizes[c]
+    if (parts == 1).all():  # the layout's order: equal halves of it balance the work
+        tasks = [(c, layout.pair_start[c], layout.pair_start[c + 1], -1) for c in layout.work]
+        return np.array(tasks, np.int64).reshape(-1, 4), np.zeros((0, 3), np.int64), 0
+    tasks, merges, rows = [], [], 0
+    for c in range(len(pairs)):
+        if parts[c] == 1:
+            tasks.append((work[c], (c, layout.pair_start[c], layout.pair_start[c + 1], -1)))
+            continue
+        merges.append((c, parts[c], rows))
+        cuts = np.linspace(layout.pair_start[c], layout.pair_start[c + 1], parts[c] + 1).round().astype(np.int64)
+        tasks.append((work[c] / parts[c], (c, cuts[0], cuts[1], -2)))  # the first part writes the outputs
+        for q in range(1, parts[c]):
+            tasks.append((work[c] / parts[c], (c, cuts[q], cuts[q + 1], rows)))
+            rows += sizes[c]
+    blocks, load = [[] for _ in range(threads)], np.zeros(threads)
+    for size, task in sorted(tasks, key=lambda t: -t[0]):
+        t = int(np.argmin(load))
+        blocks[t].append(task)
+        load[t] += size
+    length = max(len(b) for b in blocks)
+    dealt = [task for b in blocks for task in b + [(-1, 0, 0, -1)] * (length - len(b))]
+    return np.array(dealt, np.int64).reshape(-1, 4), np.array(merges, np.int64).reshape(-1, 3), int(rows)
+
+
 def search(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: str, combos: Combos,
            chunk_elements: int) -> tuple[Tensor, Tensor]:
     """The best score ``(n_q, n_r)`` (see ``batch_loop.measure_of_score``) and
@@ -157,10 +209,15 @@ def search(qq: Tensor, rr: Tensor, qr: Tensor, layout: NumbaLayout, geometry: st
     g_qq, g_rr = (g_qr, g_qr) if layout.one_set else (_gram(qq), _gram(rr))
     best = np.empty(g_qr.shape, g_qr.dtype)
     combo = np.empty(g_qr.shape, np.int32 if combos.dtype == torch.int32 else np.int64)
+    slab = _slab(chunk_elements, len(layout.ends_r))
+    threads = k.numba.get_num_threads()
+    if threads not in layout.tasks:
+        layout.tasks[threads] = search_tasks(layout, threads)
+    items, merges, private_rows = layout.tasks[threads]
     k.search(g_qr, g_qq, g_rr, k.GEOMETRY_CODES[geometry], layout.one_set, layout.ends_q, layout.ends_r,
-             layout.owned_q, layout.owned_r, layout.labels_q, layout.labels_r, layout.pair_labels_r, layout.cls_r,
-             layout.order_q, layout.sample_start, layout.pair_start, layout.work,
-             _slab(chunk_elements, len(layout.ends_r)), best, combo)
+             layout.owned_q, layout.owned_r, layout.labels_q, layout.labels_r, layout.pair_labels_r,
+             layout.cls_r, layout.order_q, layout.sample_start, layout.pair_start, items, merges, private_rows,
+             slab, best, combo)
     return torch.from_numpy(best), torch.from_numpy(combo)
 
 

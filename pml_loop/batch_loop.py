@@ -75,12 +75,13 @@ def memory_bound_bytes(n_q: int, n_r: int, chunk_elements: int, itemsize: int = 
     ``40 * chunk_elements`` values for the temporaries of one block or row
     chunk; the gradient pass's table of ``16 * chunk_elements`` combinations
     and its non-zero ones (an int64 and an int32 index and a value each); and
-    per entry: the winners (an int32 combination and the value), the Gram
-    block, the negative mask and the matrices that turn it into the loss's
-    units (with what autograd keeps of them).
+    per entry: the winners (an int32 combination and the value; the numba
+    search, splitting a few big classes across threads, at most once more),
+    the Gram block, the negative mask and the matrices that turn it into the
+    loss's units (with what autograd keeps of them).
     """
     table = _COMBO_WEIGHT * chunk_elements * (2 * itemsize + 12)
-    return _TEMPORARIES_PER_ELEMENT * chunk_elements * itemsize + table + n_q * n_r * (5 + 1 + 8 * itemsize)
+    return _TEMPORARIES_PER_ELEMENT * chunk_elements * itemsize + table + n_q * n_r * (9 + 1 + 9 * itemsize)
 
 
 class GramBlocks(NamedTuple):

@@ -56,7 +56,7 @@ def _close(a, b, tol):
 @needs_numba
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("sizes", [(4,) * 12, (2, 5, 1, 3, 8, 2), (8,) * 6])
+@pytest.mark.parametrize("sizes", [(4,) * 12, (2, 5, 1, 3, 8, 2), (8,) * 6, (9, 7)])
 @pytest.mark.parametrize("partners, chunk", [("all", None), ("all", 7), ("hardest", None)])
 def test_backends_agree_within_one_set(dtype, tol, base, sizes, partners, chunk):
     g = torch.Generator().manual_seed(sum(sizes))
@@ -196,3 +196,37 @@ def test_backends_agree_when_no_negative_entry_has_a_gradient():
         (mat * (labels[:, None] == labels[None, :])).sum().backward()
         grads.append(e.grad)
     assert grads[0].abs().sum() > 0 and _close(*grads, 1e-12)
+
+
+@needs_numba
+@pytest.mark.parametrize("sizes, threads", [((9, 7), 2), ((12, 2, 3), 3), ((4,) * 12, 2), ((9, 7), 1)])
+def test_search_tasks_cover_every_pair_once(sizes, threads):
+    """The numba search's tasks: every class's pairs exactly once, a class
+    with more than a thread's share split into parts (private rows within
+    n_q), one equal block per thread; and the search's result does not
+    depend on the threads."""
+    from pml_loop.backend import numba_layout, search_tasks
+    from pml_loop.pairs import positive_pair_table
+
+    labels = _labels(sizes, torch.Generator().manual_seed(0))
+    table = positive_pair_table(labels)
+    layout = numba_layout(table, table, labels, labels)
+    items, merges, rows = search_tasks(layout, threads)
+    assert len(items) % threads == 0
+    real = items[items[:, 0] >= 0]
+    for c in range(len(sizes)):
+        ranges = sorted((lo, hi) for k, lo, hi, _ in real if k == c)
+        assert ranges[0][0] == layout.pair_start[c] and ranges[-1][1] == layout.pair_start[c + 1]
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert rows <= len(labels)
+    assert (len(merges) > 0) == (threads > 1 and sizes != (4,) * 12), merges
+    emb = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for n in (1, threads):
+        with torch.no_grad():
+            torch.set_num_threads(n)
+            try:
+                results.append(LoOpDistance(LpDistance(), backend="numba").loop_mat(emb, labels))
+            finally:
+                torch.set_num_threads(2)
+    assert torch.equal(*results)

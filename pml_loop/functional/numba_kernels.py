@@ -268,18 +268,45 @@ def _slab_values(geom, one_set, label, p0, p1, b0, g_qr, g_qq, ends_q, ends_r, e
     return values
 
 
+@njit(**_OPTS)
+def _corners(c, samples, one_set, cls_r, geom, g_qr, g_qq, g_rr, best, combo):
+    """Class ``c``'s entries start at their corner (i, j) and combination 0,
+    until a combination beats them (one set: those with an earlier class are
+    an earlier class's to write)."""
+    for i in samples:
+        for j in range(best.shape[1]):
+            if one_set and cls_r[j] < c:
+                continue
+            if geom == SEGMENT:
+                best[i, j] = 2.0 * g_qr[i, j] - g_qq[i, i] - g_rr[j, j]
+            else:
+                best[i, j] = g_qr[i, j]
+            combo[i, j] = 0
+
+
 @njit(parallel=True, **_OPTS)
 def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, labels_q, labels_r, pair_labels_r,
-           cls_r, order_q, sample_start, pair_start, work, slab, best, combo):
-    """The best score and combination of the negative entries (i, j) of the
-    classes ``work`` into ``best``, ``combo`` ``(n_q, n_r)``; their other
-    entries get the corner (i, j) and combination 0. One set: only entries
-    whose j is of a later class, and their mirror images (j, i).
+           cls_r, order_q, sample_start, pair_start, items, merges, private_rows, slab, best, combo):
+    """The best score and combination of the negative entries (i, j) into
+    ``best``, ``combo`` ``(n_q, n_r)``; their other entries get the corner
+    (i, j) and combination 0. One set: only entries whose j is of a later
+    class, and their mirror images (j, i).
+
+    ``items`` ``(n, 4)``: the parallel loop's tasks, a class (-1: none), a
+    range of its pairs and where the task writes: -1, straight into the
+    outputs (the class's one task); -2, the same without the mirror images
+    (the first part of a class split into parts, so that one big class pair
+    is no single task); else its first row of a private table (the other
+    parts). The loop deals them out in equal contiguous blocks, one per
+    thread. ``merges`` ``(m, 3)``: each split class, its number of parts and
+    its second part's first private row (part q's rows follow part q - 1's),
+    merged in order afterwards (the first of equals wins, as in one task);
+    ``private_rows``: the private tables' rows.
 
     ``order_q``: query samples sorted by class, class c's being
     ``order_q[sample_start[c]:sample_start[c + 1]]``; its pairs are
     ``pair_start[c]:pair_start[c + 1]`` of ``ends_q``. ``cls_r``: one set
-    only, each sample's class number. ``slab``: a class's pairs searched at
+    only, each sample's class number. ``slab``: a task's pairs searched at
     once.
     """
     n_q, n_r = best.shape
@@ -293,23 +320,20 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
     ends_col = np.ascontiguousarray(ends_r.T)  # fields as rows: contiguous along the pairs
     diag_r = np.ascontiguousarray(np.diag(g_rr))
     info_col = np.ascontiguousarray(info_r.T)
-    for w in prange(len(work)):
-        c = work[w]
+    own_best = np.empty((private_rows, n_r), best.dtype)
+    own_combo = np.empty((private_rows, n_r), combo.dtype)
+    for w in prange(len(items)):
+        c, lo, hi, row0 = items[w, 0], items[w, 1], items[w, 2], items[w, 3]
+        if c < 0:  # padding: every thread gets as many tasks
+            continue
         samples = order_q[sample_start[c]:sample_start[c + 1]]
         label = labels_q[samples[0]]
         b0 = pair_start[c + 1] if one_set else 0  # one set: pairs of later classes only
         nb = k_r - b0
-        # Entries of this class: corners, until a combination beats them (one
-        # set: those with an earlier class are an earlier class's to write).
-        for i in samples:
-            for j in range(n_r):
-                if one_set and cls_r[j] < c:
-                    continue
-                if geom == SEGMENT:
-                    best[i, j] = 2.0 * g_qr[i, j] - g_qq[i, i] - g_rr[j, j]
-                else:
-                    best[i, j] = g_qr[i, j]
-                combo[i, j] = 0
+        direct = row0 < 0  # else into the private table, merged below
+        if direct:
+            _corners(c, samples, one_set, cls_r, geom, g_qr, g_qq, g_rr, best, combo)
+        mirror = one_set and row0 == -1  # a split class's first part: the merge mirrors
         if nb <= 0:
             continue
         # The class's samples against every reference pair when that is no
@@ -318,17 +342,22 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
         row_of = np.zeros(n_q, np.int64)  # sample -> its row in the table
         table = _end_table(geom, samples if use_table else samples[:0], g_qr, g_qq, ends_col, info_r, b0, row_of)
         first = True
-        for p0 in range(pair_start[c], pair_start[c + 1], slab):
-            p1 = min(p0 + slab, pair_start[c + 1])
+        for p0 in range(lo, hi, slab):
+            p1 = min(p0 + slab, hi)
             values = _slab_values(geom, one_set, label, p0, p1, b0, g_qr, g_qq, ends_q, ends_r, ends_col, info_q,
                                   info_r, info_col, diag_r, pair_labels_r, use_table, table, row_of, eps)
             # Per entry, the best combination of the slab (kept where better).
-            for i in samples:
+            for r in range(len(samples)):
+                i = samples[r]
                 for j in range(n_r):
                     if (cls_r[j] <= c) if one_set else (labels_r[j] == label):
                         continue
-                    bv = -np.inf if first else best[i, j]
-                    bc = combo[i, j]
+                    if first:
+                        bv, bc = -np.inf, 0
+                    elif direct:
+                        bv, bc = best[i, j], combo[i, j]
+                    else:
+                        bv, bc = own_best[row0 + r, j], own_combo[row0 + r, j]
                     for u in range(owned_q.shape[1]):
                         a = owned_q[i, u]
                         if a < p0 or a >= p1:
@@ -338,11 +367,30 @@ def search(g_qr, g_qq, g_rr, geom, one_set, ends_q, ends_r, owned_q, owned_r, la
                             v = values[a - p0, b - b0]
                             if v > bv:
                                 bv, bc = v, a * k_r + b
+                    if not direct:
+                        own_best[row0 + r, j], own_combo[row0 + r, j] = bv, bc
+                        continue
                     best[i, j], combo[i, j] = bv, bc
-                    if one_set:  # entry (j, i): its pairs swapped, the same combination
+                    if mirror:  # entry (j, i): its pairs swapped, the same combination
                         best[j, i], combo[j, i] = bv, bc
             first = False
-
+    for m in prange(len(merges)):
+        c, parts, row0 = merges[m, 0], merges[m, 1], merges[m, 2]
+        samples = order_q[sample_start[c]:sample_start[c + 1]]
+        label = labels_q[samples[0]]
+        for r in range(len(samples)):
+            i = samples[r]
+            for j in range(n_r):
+                if (cls_r[j] <= c) if one_set else (labels_r[j] == label):
+                    continue
+                bv, bc = best[i, j], combo[i, j]  # the first part's
+                for q in range(parts - 1):
+                    row = row0 + q * len(samples) + r
+                    if own_best[row, j] > bv:
+                        bv, bc = own_best[row, j], own_combo[row, j]
+                best[i, j], combo[i, j] = bv, bc
+                if one_set:
+                    best[j, i], combo[j, i] = bv, bc
 
 
 # -- gradient ----------------------------------------------------------------------
