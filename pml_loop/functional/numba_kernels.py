@@ -25,8 +25,13 @@ field), with selects instead of branches, and with the indexed reads
 The gradient first lists the combinations with a gradient, then computes
 their partials in such a loop and adds them in a scalar one.
 
+A class with more than a thread's share of the work (a few big classes) is
+split into parts of its pairs, the parts' winners merged in order after the
+parallel loop (see ``backend.search_tasks``).
+
 Memory: per class a few tables of (class samples or pairs) x (reference pairs
-or samples), with a class's pairs taken ``slab`` at a time, plus the outputs.
+or samples), with a class's pairs taken ``slab`` at a time, plus the outputs
+and, for split classes, their parts' winners (at most ``n_q`` rows).
 
 Conventions: ``geom`` 0 arcs (score: the cosine), 1 segments (minus the
 squared distance), 2 dot product; larger scores are better. Combinations are
