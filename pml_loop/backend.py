@@ -66,7 +66,8 @@ class NumbaLayout(NamedTuple):
     order_q: query samples sorted by class (the pair table's class order);
     sample_start, pair_start: ``(C + 1,)`` each class's range of ``order_q``
     and of the query pairs; cls_r: one set only, each sample's class number;
-    work: the order in which the parallel loop hands classes out.
+    work: the classes in an order whose equal halves balance the work (the
+    gradient's parallel loop, and the search's when no class is split).
     """
 
     ends_q: np.ndarray

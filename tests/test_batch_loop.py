@@ -217,8 +217,6 @@ def test_structure_cache_follows_the_partition_not_the_label_values():
     assert torch.equal(dist.loop_mat(emb, other), fresh)
 
 
-
-
 @pytest.mark.parametrize("base", [CosineSimilarity(), DotProductSimilarity(normalize_embeddings=False)])
 def test_blocked_search_combinations_agree_with_their_values(base):
     """Classes split across blocks (merged entries): where the corner (i, j) is

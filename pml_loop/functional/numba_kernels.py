@@ -18,10 +18,11 @@ interior candidate, and keep per entry the best combination. Within one set
 a class handles only the entries (i, j) with j's class after i's (a
 combination and its mirror image are one) and writes (j, i) with them.
 
-The arithmetic runs in loops that LLVM vectorises (8 or 16 lanes): over a
-row of reference pairs, on contiguous columns (tables stored field by
-field), with selects instead of branches, and with the indexed reads
-(gathers) in loops of their own, since a loop holding them stays scalar.
+The arithmetic runs in loops that LLVM vectorises (8 float32 lanes on the
+AVX-512 machine it was written on): over a row of reference pairs, on
+contiguous columns (tables stored field by field), with selects instead of
+branches, and with the indexed reads (gathers) in loops of their own, since
+a loop holding them stays scalar.
 The gradient first lists the combinations with a gradient, then computes
 their partials in such a loop and adds them in a scalar one.
 
