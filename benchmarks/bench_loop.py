@@ -9,7 +9,8 @@ Nothing here is a test: it prints ratios measured in one run, the variants
 interleaved round by round so that machine load hits each alike.
 ``--against`` takes another checkout (e.g. ``git worktree add /tmp/before
 <commit>``) and times its LoOpLoss in the same process, interleaved with this
-one's, in the speed and train tables, for the search and gradient passes
+one's, in the speed and train tables (on each backend, so that each is
+compared with its own earlier build), for the search and gradient passes
 of the parts table and for the numba kernels: on a machine whose speed drifts, two builds compare reliably only
 that way.
 
@@ -99,6 +100,17 @@ def torch_path(loss_cls):
 TORCH_LOOP = torch_path(LoOpLoss)
 
 
+def against_backends() -> dict:
+    """The ``--against`` build's LoOpLoss on each backend timed here that it
+    has (a build from before backends: its one path, under "torch"), so that
+    each backend is compared with its own earlier build."""
+    if AGAINST is None:
+        return {}
+    if "backend" not in inspect.signature(AGAINST).parameters:
+        return {"torch": AGAINST}
+    return {b: functools.partial(AGAINST, backend=b) for b in BACKENDS}
+
+
 def load_against(checkout: str):
     """LoOpLoss of another build: its package copied beside this one as
     ``pml_loop_against`` (the package imports itself relatively)."""
@@ -163,8 +175,8 @@ def ratio_row(label: str, emb, labels, names, repeats: int) -> None:
         fns[name] = step(LOSSES[name](), emb, labels)
         for b in BACKENDS:
             fns[f"LoOp {b} {name}"] = step(LoOpLoss(LOSSES[name](), backend=b), emb, labels)
-        if AGAINST is not None:
-            fns["against " + name] = step(AGAINST(LOSSES[name]()), emb, labels)
+        for b, other in against_backends().items():
+            fns[f"against {b} {name}"] = step(other(LOSSES[name]()), emb, labels)
     t = median_times(fns, repeats)
 
     def cell(n):
@@ -173,7 +185,7 @@ def ratio_row(label: str, emb, labels, names, repeats: int) -> None:
                 + " / ".join(f"{v / t[n]:.2f}x" for v in loop))
         if AGAINST is None:
             return text
-        return f"--against {t['against ' + n] / t[n]:.2f}x; {text}"
+        return "--against " + " / ".join(f"{t[f'against {b} {n}'] / t[n]:.2f}x" for b in against_backends()) + f"; {text}"
     cells = [cell(n) if n in names else "" for n in LOSSES]
     print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
@@ -181,7 +193,7 @@ def ratio_row(label: str, emb, labels, names, repeats: int) -> None:
 def speed(quick: bool) -> None:
     names = list(LOSSES)
     print("\n## speed: forward + backward, d = 512, median times plain / LoOp with backend="
-          + " / ".join(BACKENDS) + ", and the ratios" + ("; first the --against build's ratio" if AGAINST is not None else ""))
+          + " / ".join(BACKENDS) + ", and the ratios" + ("; first the --against build's ratios (" + " / ".join(against_backends()) + ")" if AGAINST is not None else ""))
     print("| batch | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     reps = 10 if quick else 30
@@ -342,10 +354,10 @@ def train(quick: bool) -> None:
         fns = {"plain": run(LOSSES[name]())}
         for b in BACKENDS:
             fns[b] = run(LoOpLoss(LOSSES[name](), backend=b))
-        if AGAINST is not None:
-            fns["against"] = run(AGAINST(LOSSES[name]()))
+        for b, other in against_backends().items():
+            fns["against " + b] = run(other(LOSSES[name]()))
         t = median_times(fns, 10 if quick else 40)
-        against = f", --against build {t['against'] / t['plain']:.3f}x" if AGAINST is not None else ""
+        against = "".join(f", --against build {b} {t['against ' + b] / t['plain']:.3f}x" for b in against_backends())
         print(f"{name}: plain {1e3 * t['plain']:.1f} ms" + "".join(
               f", LoOp {b} {1e3 * t[b]:.1f} ms ({t[b] / t['plain']:.3f}x)" for b in BACKENDS) + against, flush=True)
 
