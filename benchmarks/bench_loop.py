@@ -106,7 +106,7 @@ def against_backends() -> dict:
     each backend is compared with its own earlier build."""
     if AGAINST is None:
         return {}
-    if "backend" not in inspect.signature(AGAINST).parameters:
+    if torch_path(AGAINST) is AGAINST:
         return {"torch": AGAINST}
     return {b: functools.partial(AGAINST, backend=b) for b in BACKENDS}
 
