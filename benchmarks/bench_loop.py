@@ -185,15 +185,17 @@ def ratio_row(label: str, emb, labels, names, repeats: int) -> None:
                 + " / ".join(f"{v / t[n]:.2f}x" for v in loop))
         if AGAINST is None:
             return text
-        return "--against " + " / ".join(f"{t[f'against {b} {n}'] / t[n]:.2f}x" for b in against_backends()) + f"; {text}"
+        theirs = " / ".join(f"{t[f'against {b} {n}'] / t[n]:.2f}x" for b in against_backends())
+        return f"--against {theirs}; {text}"
     cells = [cell(n) if n in names else "" for n in LOSSES]
     print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
 def speed(quick: bool) -> None:
     names = list(LOSSES)
+    against = f"; first the --against build's ratios ({' / '.join(against_backends())})" if AGAINST else ""
     print("\n## speed: forward + backward, d = 512, median times plain / LoOp with backend="
-          + " / ".join(BACKENDS) + ", and the ratios" + ("; first the --against build's ratios (" + " / ".join(against_backends()) + ")" if AGAINST is not None else ""))
+          + " / ".join(BACKENDS) + ", and the ratios" + against)
     print("| batch | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     reps = 10 if quick else 30
@@ -377,8 +379,9 @@ def kernel_calls(package: str, b: int, geometry: str):
     if geometry == "arc":
         x = torch.nn.functional.normalize(x, dim=1)
     dist = mod.LoOpDistance(LpDistance(normalize_embeddings=geometry == "arc"), backend="numba")
-    st = dist._structure(gram_blocks(x, x, True), labels, labels, True)
-    gram, chunk = x @ x.T, dist._chunk(x.device)
+    blocks = gram_blocks(x, x, True)
+    st = dist._structure(blocks, labels, labels, True)
+    gram, chunk = blocks.qr, dist._chunk(x.device)
     _, combo = kernels_of.search(gram, gram, gram, st.layout, geometry, st.plan.combos, chunk)
     grad = torch.rand(b, b, generator=torch.Generator().manual_seed(1)) * (labels[:, None] != labels[None, :])
     return (lambda: kernels_of.search(gram, gram, gram, st.layout, geometry, st.plan.combos, chunk),
